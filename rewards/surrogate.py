@@ -1,0 +1,60 @@
+"""Clipped surrogate losses of RecPO (DESIGN.md section 3, step 6): the token term's clipping and the item loss.
+
+The item loss L_item treats the in-batch softmax probability p_j of rollout j's own target as a policy and
+optimises it with the same clipped surrogate as the tokens, with ratio p_j / p_j.detach(): the ratio is 1
+in value (a single update per batch), so the loss value is -mean(A_j) over relabelled rollouts, while its
+gradient is -A_j * grad(log p_j), flowing into both the user vectors and the item vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.28
+) -> torch.Tensor:
+    """Per-element loss -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) (shapes broadcast)."""
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def item_surrogate_loss(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    target_cols: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    tau: float = 0.02,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    *,
+    item_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scalar item loss: mean clipped surrogate of the in-batch target probability over masked rollouts.
+
+    user_vecs `(R, d)` and item_vecs `(B, d)` carry gradient; target_cols `(R,)` is the column of each
+    rollout's own target in item_vecs; advantages `(R,)` are detached here; mask `(R,)` bool is the
+    relabel mask. p_j = softmax_b(cos(u_j, v_b) / tau)[target_cols[j]].
+
+    Duplicate items: when the same item fills several columns (two users of a batch share a target, or
+    a gathered negative repeats one), every copy stays in the softmax, so the copies that are not the
+    rollout's own column act as negatives equal to the target. Pass `item_ids` `(B,)` to drop, for each
+    rollout, the other columns holding its target's item id instead.
+    When no rollout is masked the loss is 0 with a graph through both inputs, so backward still works.
+    """
+    if not mask.any():
+        return (user_vecs.sum() + item_vecs.sum()) * 0.0
+    users = F.normalize(user_vecs.float(), dim=-1, eps=1e-8)  # (R, d)
+    items = F.normalize(item_vecs.float(), dim=-1, eps=1e-8)  # (B, d)
+    logits = users @ items.T / tau  # (R, B)
+    if item_ids is not None:
+        same_item = item_ids.unsqueeze(0) == item_ids[target_cols].unsqueeze(1)  # (R, B)
+        same_item.scatter_(1, target_cols.unsqueeze(1), False)
+        logits = logits.masked_fill(same_item, float("-inf"))
+    log_p = torch.log_softmax(logits, dim=-1).gather(1, target_cols.unsqueeze(1)).squeeze(1)  # (R,)
+    # exp(log p - log p.detach()) is p / p.detach() without 0/0 when p underflows float32.
+    ratio = torch.exp(log_p - log_p.detach())
+    losses = clipped_surrogate(ratio, advantages.detach().float(), eps_low, eps_high)  # (R,)
+    return losses[mask].mean()
