@@ -111,17 +111,19 @@ def softmax_reward(
 ) -> torch.Tensor:
     """Softmax probability `(users,)` (float32) of the target over its non-excluded catalog.
 
-    Computed as exp(s_target - logsumexp(s)) in float32, so scores of any size (cos/0.02 reaches 50)
+    Computed as exp(-logsumexp(s - s_target)) in float32, so scores of any size (cos/0.02 reaches 50)
     neither overflow nor underflow to NaN. A NaN anywhere in a user's scores gives 0 for that user.
     """
     target = _as_target(target, scores)
     _check_exclude(exclude, scores)
-    logits = scores.float()  # (users, items); no copy when already float32
-    target_logit = logits.gather(1, target.unsqueeze(1))  # (users, 1)
+    target_logit = scores.gather(1, target.unsqueeze(1)).float()  # (users, 1)
+    # Scores relative to the target's: exact for equal scores, so float32 rounding of a large logsumexp
+    # (ulp 1e-3 at 1e4) cannot leak into the probability.
+    relative = scores.float() - target_logit  # (users, items)
     if exclude is not None:
-        logits = logits.masked_fill(exclude, float("-inf"))
-        logits.scatter_(1, target.unsqueeze(1), target_logit)  # the target is never excluded
-    log_p = target_logit.squeeze(1) - torch.logsumexp(logits, dim=1)  # (users,)
+        relative.masked_fill_(exclude, float("-inf"))
+    relative.scatter_(1, target.unsqueeze(1), 0.0)  # never excluded; exactly 0 even for an infinite score
+    log_p = -torch.logsumexp(relative, dim=1)  # (users,)
     return torch.nan_to_num(log_p.exp(), nan=0.0)
 
 
