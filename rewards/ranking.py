@@ -90,7 +90,8 @@ def target_rank(
     if exclude is not None:
         above.masked_fill_(exclude, False)
     above.scatter_(1, target.unsqueeze(1), False)  # the target never outranks itself
-    rank = 1 + above.sum(dim=1)  # (users,)
+    # An int32 accumulator counts bools about twice as fast as the default int64 on CPU.
+    rank = 1 + above.sum(dim=1, dtype=torch.int32).long()  # (users,)
     nan_target = torch.isnan(target_score.squeeze(1))
     return torch.where(nan_target, _candidate_count(scores, target, exclude), rank)
 
