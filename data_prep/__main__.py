@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.download import DownloadError
 from data_prep.errors import DataError, EmptyResultError
 from data_prep.options import (
     Amazon2018Options,
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EmptyResultError, FileExistsError) as err:
         print(f"data_prep: error: {err}", file=sys.stderr)
         return 2
+    except DownloadError as err:
+        print(f"data_prep: download failed: {err}", file=sys.stderr)
+        return 1
     summary = stats["summary"]
     print(
         f"wrote {Path(args.out)}: {summary['users']} users, {summary['items']} items, "

@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from data_prep.prompts import item_prompt_column, user_prompt_column
 from data_prep.sequences import Samples, build_samples, index_catalog
 from data_prep.splits import SPLITS, split_samples
 from data_prep.text import clean_items
+
+TABLE_CHUNK = 100_000  # sample rows built and written at a time
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray, type: pa.DataType) -> pa.Array:
@@ -59,10 +63,25 @@ def item_table(catalog: pa.Table) -> pa.Table:
     )
 
 
-def prepare(
-    interactions: pa.Table, items: pa.Table, options: PipelineOptions
-) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """Run steps 1-6 on canonical tables; returns the four output tables and every step's counters."""
+@dataclass
+class Prepared:
+    """Everything the output needs, before the (chunked) tables are built."""
+
+    samples: Samples
+    parts: dict[str, np.ndarray]  # split name -> indices into samples, in target-time order
+    user_ids: pa.Array  # user id by user code
+    catalog: pa.Table  # cleaned items in item-index order
+    stats: dict[str, Any]
+
+    def split_tables(self, name: str, chunk: int = TABLE_CHUNK) -> Iterator[pa.Table]:
+        """The sample rows of one split, `chunk` rows at a time (bounded memory for any size)."""
+        index, titles = self.parts[name], self.catalog.column("title").combine_chunks()
+        for start in range(0, len(index), chunk):
+            yield sample_table(self.samples.take(index[start : start + chunk]), self.user_ids, titles)
+
+
+def prepare(interactions: pa.Table, items: pa.Table, options: PipelineOptions) -> Prepared:
+    """Run steps 1-6 on canonical tables, with every step's counters."""
     stats: dict[str, Any] = {}
     items, stats["clean_items"] = clean_items(items, options.max_title_words, options.require_price)
     kept, stats["known_items"] = keep_known_items(interactions, items.column("item_id"))
@@ -89,23 +108,34 @@ def prepare(
             "split",
             f"{len(samples)} samples leave the {'/'.join(empty)} split(s) empty with --split {options.split}",
         )
-    titles = catalog.column("title").combine_chunks()
-    tables = {name: sample_table(samples.take(parts[name]), user_ids, titles) for name in SPLITS}
-    tables["items"] = item_table(catalog)
     n_users, n_items, n_inter = len(user_ids), catalog.num_rows, kept.num_rows
     stats["summary"] = {
         "interactions": n_inter,
         "users": n_users,
         "items": n_items,
         "density": n_inter / (n_users * n_items),
-        "samples": {name: tables[name].num_rows for name in SPLITS},
+        "samples": {name: len(parts[name]) for name in SPLITS},
     }
-    return tables, stats
+    return Prepared(samples, parts, user_ids, catalog, stats)
 
 
-def save(tables: dict[str, pa.Table], stats: dict[str, Any], out: str | Path) -> Path:
-    """Write the DatasetDict and stats.json to a temporary folder beside `out`, then rename it into place."""
+def _write_arrow(path: Path, tables: Iterable[pa.Table]) -> None:
+    writer = None
+    for table in tables:
+        if writer is None:
+            writer = pa.ipc.new_stream(str(path), table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def save(prepared: Prepared, stats: dict[str, Any], out: str | Path) -> Path:
+    """Write the DatasetDict and stats.json to a temporary folder beside `out`, then rename it into place.
+
+    Each split is first streamed chunk by chunk into an Arrow file that `datasets` memory-maps and
+    copies into its own layout: saving a large in-memory table would cost twice its size in RAM.
+    """
     from datasets import Dataset, DatasetDict
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
     out = Path(out)
     if out.exists() and not (out / "dataset_dict.json").is_file():
@@ -114,9 +144,16 @@ def save(tables: dict[str, pa.Table], stats: dict[str, Any], out: str | Path) ->
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
     old = None
+    disable_progress_bar()
     try:
-        DatasetDict({name: Dataset(table) for name, table in tables.items()}).save_to_disk(str(tmp))
+        for name in SPLITS:
+            _write_arrow(staging / f"{name}.arrow", prepared.split_tables(name))
+        _write_arrow(staging / "items.arrow", [item_table(prepared.catalog)])
+        splits = {name: Dataset.from_file(str(staging / f"{name}.arrow")) for name in (*SPLITS, "items")}
+        DatasetDict(splits).save_to_disk(str(tmp))
+        del splits
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, default=str) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -127,6 +164,9 @@ def save(tables: dict[str, pa.Table], stats: dict[str, Any], out: str | Path) ->
             old.rename(out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        enable_progress_bar()
+        shutil.rmtree(staging, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
@@ -142,8 +182,8 @@ def run(
 ) -> dict[str, Any]:
     """prepare + save; returns the stats that were written."""
     started = time.perf_counter()
-    tables, stats = prepare(interactions, items, options)
-    stats = {"source": source, "options": dataclasses.asdict(options), "read": read_stats, **stats}
+    prepared = prepare(interactions, items, options)
+    stats = {"source": source, "options": dataclasses.asdict(options), "read": read_stats, **prepared.stats}
+    save(prepared, stats, out)
     stats["seconds"] = round(time.perf_counter() - started, 3)
-    save(tables, stats, out)
     return stats

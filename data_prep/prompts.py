@@ -87,21 +87,8 @@ def item_messages(
 # ---- whole columns ----
 
 
-def _decimal(tenths: np.ndarray) -> pa.Array:
-    whole = pa.array(tenths // 10).cast(pa.string())
-    frac = pa.array(tenths % 10).cast(pa.string())
-    return pc.binary_join_element_wise(whole, frac, ".")
-
-
-def _messages(contents: pa.Array, system: str, per_row: int) -> pa.Array:
-    """Rows of [system, content] messages as list<struct<role, content>>."""
-    n = len(contents)
-    roles = pa.array(["system", "user"]).take(pa.array(np.tile([0, 1], n)))
-    pick = np.zeros(2 * n, dtype=np.int64)
-    pick[1::2] = 1 + np.arange(n)
-    texts = pa.concat_arrays([pa.array([system]), contents]).take(pa.array(pick))
-    offsets = pa.array(np.arange(0, per_row * n + 1, per_row, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays([roles, texts], fields=list(MESSAGE)))
+def _pool(texts: list[str]) -> pa.Array:
+    return pa.array(texts, pa.string())
 
 
 def _user_chunk(
@@ -112,25 +99,48 @@ def _user_chunk(
     history_ts: np.ndarray,
     history_ratings: np.ndarray,
 ) -> pa.Array:
-    lengths = np.diff(offsets)
-    age = np.repeat(target_ts, lengths) - history_ts  # (flat history,) ms
+    """user_messages for a run of samples whose histories are flat[offsets[i]:offsets[i+1]]."""
+    offsets = offsets - offsets[0]
+    n, total = len(offsets) - 1, int(offsets[-1])
+    if n and np.diff(offsets).min() < 1:
+        raise ValueError("every sample needs at least one history item")
+    first, last = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=np.int64)
+    first[offsets[:-1]] = 1
+    last[offsets[1:] - 1] = 1
+    age = np.repeat(target_ts, np.diff(offsets)) - history_ts  # (flat history,) ms
     tenths = np.rint(age / MS_PER_TENTH_HOUR).astype(np.int64)
+    days = tenths // TENTHS_PER_DAY
+    stars = np.clip(np.rint(history_ratings * 10).astype(np.int64), 0, None)
+    n_days, n_stars = int(days.max(initial=0)) + 1, int(stars.max(initial=0)) + 1
+    # Every number is a lookup into a small pool of pre-formatted pieces. A sample's first line also
+    # carries the system text and the instruction, its other lines end in a newline: the sample's
+    # lines then lie back to back in one buffer, and both messages are views into it (no copy).
+    head = SYSTEM + USER_INSTRUCTION + "\n"
+    day_pool = _pool([f"- {d}d " for d in range(n_days)] + [f"{head}- {d}d " for d in range(n_days)])
+    hour_pool = _pool([f"{format_tenths(t)}h ago: " for t in range(TENTHS_PER_DAY)])
+    star_pool = _pool(
+        [f" (rated {format_tenths(r)})\n" for r in range(n_stars)]
+        + [f" (rated {format_tenths(r)})" for r in range(n_stars)]
+    )
     lines = pc.binary_join_element_wise(
-        "- ",
-        pa.array(tenths // TENTHS_PER_DAY).cast(pa.string()),
-        "d ",
-        _decimal(tenths % TENTHS_PER_DAY),
-        "h ago: ",
+        day_pool.take(pa.array(days + first * n_days)),
+        hour_pool.take(pa.array(tenths % TENTHS_PER_DAY)),
         titles.take(pa.array(history)),
-        " (rated ",
-        _decimal(np.rint(history_ratings * 10).astype(np.int64)),
-        ")",
+        star_pool.take(pa.array(stars + last * n_stars)),
         "",
     )
-    local = (offsets - offsets[0]).astype(np.int32)
-    per_sample = pc.binary_join(pa.ListArray.from_arrays(pa.array(local), lines), "\n")
-    contents = pc.binary_join_element_wise(USER_INSTRUCTION, per_sample, "\n")
-    return _messages(contents, SYSTEM, 2)
+    line_start = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset : lines.offset + total + 1]
+    sample_start = line_start[offsets].astype(np.int64)  # (n + 1,) byte offsets of each sample's text
+    message_start = np.empty(2 * n + 1, dtype=np.int32)
+    message_start[0:-1:2] = sample_start[:-1]
+    message_start[1::2] = sample_start[:-1] + len(SYSTEM.encode())
+    message_start[-1] = sample_start[-1]
+    contents = pa.StringArray.from_buffers(2 * n, pa.py_buffer(message_start), lines.buffers()[2])
+    roles = pa.array(["system", "user"]).take(pa.array(np.tile([0, 1], n)))
+    list_offsets = pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32))
+    return pa.ListArray.from_arrays(
+        list_offsets, pa.StructArray.from_arrays([roles, contents], fields=list(MESSAGE))
+    )
 
 
 def user_prompt_column(samples: Any, titles: pa.Array, chunk: int = PROMPT_CHUNK) -> pa.ChunkedArray:
