@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from data_prep.options import Amazon2023Options
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # bytes read at a time: a broken connection loses at most this much
 TIMEOUT_S = 60
 
 
