@@ -79,32 +79,22 @@ def target_rank(
 ) -> torch.Tensor:
     """1-based rank `(users,)` (int64) of each user's target among their non-excluded items.
 
-    Ties count against the target. A NaN target score ranks last (the number of non-excluded items),
-    so a broken user vector can never earn a reward; other NaN scores rank below the target.
+    rank = 1 + the number of other non-excluded items whose score is not below the target's: ties count
+    against the target, and so do NaN scores. A NaN target therefore ranks last, so a broken user vector
+    can never earn a reward.
     """
     target = _as_target(target, scores)
     _check_exclude(exclude, scores)
     # Comparing in the input dtype is exact: upcasting bfloat16/float16 to float32 preserves order.
     target_score = scores.gather(1, target.unsqueeze(1))  # (users, 1)
-    above = scores >= target_score  # (users, items)
+    # Count what is strictly below instead of what is >= so that NaN comparisons (always False) land
+    # on the pessimistic side; excluded items and the target itself join the "below" side.
+    below = scores < target_score  # (users, items)
     if exclude is not None:
-        above.masked_fill_(exclude, False)
-    above.scatter_(1, target.unsqueeze(1), False)  # the target never outranks itself
+        below.masked_fill_(exclude, True)
+    below.scatter_(1, target.unsqueeze(1), True)
     # An int32 accumulator counts bools about twice as fast as the default int64 on CPU.
-    rank = 1 + above.sum(dim=1, dtype=torch.int32).long()  # (users,)
-    nan_target = torch.isnan(target_score.squeeze(1))
-    return torch.where(nan_target, _candidate_count(scores, target, exclude), rank)
-
-
-def _candidate_count(
-    scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None
-) -> torch.Tensor:
-    """Number of items each user is ranked among: non-excluded items plus the target. `(users,)`"""
-    num_items = torch.full_like(target, scores.shape[1])
-    if exclude is None:
-        return num_items
-    target_excluded = exclude.gather(1, target.unsqueeze(1)).squeeze(1)
-    return num_items - exclude.sum(dim=1) + target_excluded.long()
+    return 1 + scores.shape[1] - below.sum(dim=1, dtype=torch.int32).long()  # (users,)
 
 
 def softmax_reward(

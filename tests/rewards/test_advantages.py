@@ -46,7 +46,7 @@ def test_bad_arguments_are_reported():
         group_advantages(torch.zeros(4), 2, kind="median")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.integers(1, 6).flatmap(
         lambda g: st.tuples(
