@@ -9,7 +9,9 @@ Contract with the trainer. TRL 1.16 calls each function as
 (one entry per completion) and the trainer state. RecPOTrainer adds, in `_calculate_rewards`:
 
 - `scores`: float tensor `(n_completions, n_items)`, each completion's user vector scored against the
-  full catalog, already divided by tau (any float dtype, any device; computed in float32 here).
+  full catalog, already divided by tau (any float dtype, any device; computed in float32 here). A list
+  of n_completions `(n_items,)` rows is accepted too: that is what TRL hands over when the trainer
+  stores each row in its completion's input dict, since TRL turns every input key into a list.
 - `target`: `list[int]`, one target item column per completion.
 - `history`: `list[list[int]]`, one list of history item columns per completion (masked out of the
   ranking; the target is never masked).
@@ -31,11 +33,13 @@ __all__ = ["REWARD_FUNCS", "get_reward_funcs", "ndcg", "softmax"]
 
 
 def _ranking_inputs(
-    scores: torch.Tensor,
+    scores: torch.Tensor | Sequence[torch.Tensor],
     target: Sequence[int] | torch.Tensor,
     history: Sequence[Sequence[int]] | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The scores, target `(n,)` and history mask `(n, items)` of a reward call, on the scores' device."""
+    """The scores `(n, items)`, target `(n,)` and history mask `(n, items)` of a reward call, on one device."""
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.stack(list(scores))  # per-completion rows, as TRL collects input columns
     if len(target) != scores.shape[0] or len(history) != scores.shape[0]:
         raise ValueError(
             f"rewards/__init__.py: scores has {scores.shape[0]} rows but target has {len(target)} and "
@@ -59,7 +63,7 @@ def ndcg(
     completions: list | None = None,
     completion_ids: list | None = None,
     *,
-    scores: torch.Tensor,
+    scores: torch.Tensor | Sequence[torch.Tensor],
     target: Sequence[int],
     history: Sequence[Sequence[int]],
     ndcg_cutoff: int | Sequence[int] = 1000,
@@ -76,7 +80,7 @@ def softmax(
     completions: list | None = None,
     completion_ids: list | None = None,
     *,
-    scores: torch.Tensor,
+    scores: torch.Tensor | Sequence[torch.Tensor],
     target: Sequence[int],
     history: Sequence[Sequence[int]],
     **kwargs,

@@ -11,8 +11,8 @@ from rewards import REWARD_FUNCS, get_reward_funcs
 from rewards.ranking import history_mask, ndcg_reward, softmax_reward, target_rank
 
 
-def trl_call(func, scores: torch.Tensor, target: list[int], history: list[list[int]], **extra) -> list[float]:
-    n = scores.shape[0]
+def trl_call(func, scores, target: list[int], history: list[list[int]], **extra) -> list[float]:
+    n = len(scores)
     return func(
         prompts=[[{"role": "user", "content": "recommend"}]] * n,
         completions=[[{"role": "assistant", "content": "because <answer>"}]] * n,
@@ -78,3 +78,12 @@ def test_fused_reward_matches_the_ranking_functions():
 def test_mismatched_lengths_are_reported():
     with pytest.raises(ValueError, match="one per completion"):
         trl_call(REWARD_FUNCS["ndcg"], torch.zeros(2, 3), [0], [[], []])
+
+
+def test_scores_given_as_per_completion_rows_match_the_tensor():
+    torch.manual_seed(1)
+    scores = torch.randn(4, 12) * 50
+    target, history = [0, 5, 11, 3], [[1, 2], [], [11], [0, 3, 4]]
+    for func in get_reward_funcs(["ndcg", "softmax"]):
+        rows = trl_call(func, list(scores), target, history, ndcg_cutoff=[1000] * 4)
+        assert rows == trl_call(func, scores, target, history)
