@@ -3,6 +3,15 @@
 Item embedding + learned positional embedding, a stack of causal pre-norm transformer blocks, and
 item scores as the dot product of the last hidden state with the (shared) item embedding table.
 Sequences are left-padded with the extra index `num_items`, so position -1 is always the newest item.
+
+Training (`fit`) uses each train sample's sequence history + target. By default every position predicts
+its next item (the paper's objective: more signal per sequence, and it also learns from short contexts,
+which valid/test users with short histories need). data_prep's samples are sliding windows, so sample
+k + 1 repeats sample k's transitions; an epoch therefore draws samples / max_len random samples, about
+one pass over the train interactions, and validation (valid NDCG@10, for early stopping) runs after
+each. On ml-100k, 'last'-position training was at valid NDCG@10 0.072 (still rising) after three full
+passes (3.5 min); this default stopped at 0.088 (4.5 min, busy 2-core machine). The loss is a full softmax over the catalog (1.7k items on ml-100k: cheap on CPU);
+sampled negatives are an option for large catalogs.
 """
 
 from __future__ import annotations
@@ -125,6 +134,15 @@ class TrainConfig:
             "'last': only the target is predicted from the full history."
         },
     )
+    epoch_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Train samples drawn at random per epoch (between validations). 0 = auto: all of them "
+            "with loss_positions=last; samples / max_len with loss_positions=all, because each sample's "
+            "window repeats its predecessor's transitions, so that many carry about one pass over the "
+            "train interactions."
+        },
+    )
     num_negatives: int = field(
         default=0,
         metadata={
@@ -203,6 +221,14 @@ def fit(
     return best, best_epoch
 
 
+def epoch_size(num_samples: int, cfg: TrainConfig, max_len: int) -> int:
+    if cfg.epoch_samples > 0:
+        return min(cfg.epoch_samples, num_samples)
+    if cfg.loss_positions == "all":
+        return max(num_samples // max_len, min(num_samples, cfg.batch_size))
+    return num_samples
+
+
 def _train_epoch(
     model: SASRec,
     optimizer: torch.optim.Optimizer,
@@ -213,7 +239,7 @@ def _train_epoch(
 ) -> float:
     """One shuffled pass over the samples; returns the mean batch loss."""
     model.train()
-    order = torch.randperm(len(inputs), generator=rng)
+    order = torch.randperm(len(inputs), generator=rng)[: epoch_size(len(inputs), cfg, inputs.shape[1])]
     total = 0.0
     batches = range(0, len(order), cfg.batch_size)
     for start in batches:

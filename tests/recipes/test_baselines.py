@@ -126,3 +126,16 @@ def test_sasrec_learns_planted_successor_pattern_far_above_popularity(tmp_path):
         assert sasrec[split]["hit@5"] >= 0.9
         assert sasrec[split]["ndcg@10"] >= 0.7
         assert popularity[split]["hit@5"] < 0.4
+
+
+def test_training_tensors_label_each_position_with_its_next_item():
+    from recipes.sasrec import training_tensors
+
+    inputs, labels = training_tensors([[1, 2, 3], [4]], [5, 6], max_len=4, pad=9)
+    assert inputs.tolist() == [[9, 1, 2, 3], [9, 9, 9, 4]]
+    assert labels.tolist() == [[1, 2, 3, 5], [9, 9, 4, 6]]
+
+
+def test_sasrec_is_deterministic_for_a_seed(popularity_data):
+    args = ["sasrec", "--data", str(popularity_data), "--hidden-size", "16", "--epochs", "2", "--seed", "7"]
+    assert baselines.main(args) == baselines.main(args)
