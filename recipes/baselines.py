@@ -67,15 +67,26 @@ def load_dataset_dir(path: str | Path) -> DatasetDict:
         dsd = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: --data {path}: not a saved DatasetDict ({err})") from err
+    if not isinstance(dsd, DatasetDict):
+        raise SystemExit(
+            f"error: --data {path}: a single Dataset, expected a DatasetDict with {list(SPLITS)}"
+        )
     missing = [s for s in SPLITS if s not in dsd]
-    if not isinstance(dsd, DatasetDict) or missing:
+    if missing:
         raise SystemExit(f"error: --data {path}: expected splits {list(SPLITS)}, missing {missing}")
     return dsd
 
 
 def get_split(dsd: DatasetDict, name: str) -> Split:
     ds = dsd[name].with_format("arrow")  # Arrow to_pylist is ~10x faster than iterating rows
-    return Split(histories=ds["history"].to_pylist(), targets=ds["target"].to_pylist())
+    split = Split(histories=ds["history"].to_pylist(), targets=ds["target"].to_pylist())
+    num_items = len(dsd["items"])
+    bad = next((i for i, t in enumerate(split.targets) if not 0 <= t < num_items), None)
+    if bad is not None:
+        raise SystemExit(
+            f"error: {name} row {bad}: target {split.targets[bad]} is outside the catalog [0, {num_items})"
+        )
+    return split
 
 
 def evaluate(score_fn: ScoreFn, split: Split, num_items: int, batch_size: int = 1024) -> dict[str, float]:

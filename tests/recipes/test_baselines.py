@@ -139,3 +139,10 @@ def test_training_tensors_label_each_position_with_its_next_item():
 def test_sasrec_is_deterministic_for_a_seed(popularity_data):
     args = ["sasrec", "--data", str(popularity_data), "--hidden-size", "16", "--epochs", "2", "--seed", "7"]
     assert baselines.main(args) == baselines.main(args)
+
+
+def test_target_outside_catalog_is_an_error_naming_the_row(tmp_path):
+    path = tmp_path / "bad"
+    make_dataset([([0], 1)], [([0], 1)], [([0], 9)], num_items=3).save_to_disk(str(path))
+    with pytest.raises(SystemExit, match=r"test row 0: target 9 is outside the catalog \[0, 3\)"):
+        baselines.main(["popularity", "--data", str(path)])
