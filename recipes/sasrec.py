@@ -151,6 +151,10 @@ class TrainConfig:
         },
     )
 
+    def __post_init__(self) -> None:
+        if self.loss_positions not in ("all", "last"):
+            raise ValueError(f"loss_positions must be 'all' or 'last', got {self.loss_positions!r}")
+
 
 def training_tensors(histories: list[list[int]], targets: list[int], max_len: int, pad: int):
     """Inputs and next-item labels for each sample's sequence history + target.
