@@ -1,0 +1,205 @@
+"""Configuration of a RecPO run: script arguments and `RecPOConfig(trl.GRPOConfig)`.
+
+Every field has a help string, shown by `python recipes/recpo.py --help`; defaults that reproduce the
+paper say so. TRL's own GRPO fields (rollouts, temperature, clipping, loss type, vLLM...) keep their
+names and meaning; only the defaults RecPO needs are changed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig
+
+ADVANTAGE_KINDS = ("gaussian", "leave_one_out")
+
+
+@dataclass
+class ScriptArguments:
+    data_dir: str = field(
+        default="data/ml-100k",
+        metadata={"help": "Dataset folder written by `python -m data_prep` (splits train/valid/test/items)."},
+    )
+    prepare_data: bool = field(
+        default=False,
+        metadata={
+            "help": "If `data_dir` does not exist, build it first with `python -m data_prep movielens` "
+            "(the embedded MovieLens-100K). Used by `make train`."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on a random subset of this many samples (all by default)."},
+    )
+    max_eval_users: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate on a fixed random subset of this many valid users at each evaluation (all by default). "
+            "The CPU recipe uses a few hundred to stay within its time budget."
+        },
+    )
+    max_test_users: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on this many test users at the end (all by default)."},
+    )
+    evaluate_test: bool = field(
+        default=True, metadata={"help": "Evaluate the final (best) model on the test split at the end."}
+    )
+    evaluate_before: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate the untrained model on valid and test before training (written to results.json)."
+        },
+    )
+
+
+@dataclass
+class RecPOConfig(GRPOConfig):
+    # --- RecPO ---
+    answer_marker: str = field(
+        default="<answer>",
+        metadata={
+            "help": "Text that closes the reasoning; the hidden state at its last token is the user vector."
+        },
+    )
+    reasoning: bool = field(
+        default=True,
+        metadata={
+            "help": "Reason before recommending (RecPO). False is the paper's no-reasoning ablation: the user vector "
+            "is read right after the prompt, no rollouts are sampled and only the item loss trains the model."
+        },
+    )
+    similarity_temperature: float = field(
+        default=0.02,
+        metadata={"help": "tau in s(u, i) = cos(h_u, h_i) / tau. The paper uses 0.02."},
+    )
+    ndcg_cutoff: int = field(
+        default=1000,
+        metadata={"help": "K of the NDCG reward: 1/log2(rank + 1) if rank <= K else 0. The paper uses 1000."},
+    )
+    softmax_reward_weight: float = field(
+        default=0.05,
+        metadata={
+            "help": "beta of the fused reward R = (1 - beta) NDCG + beta P(target). The paper uses 0.05. Sets TRL's "
+            "`reward_weights` to (1 - beta, beta) unless `reward_weights` is given."
+        },
+    )
+    advantage_kind: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Group advantage: `gaussian` (r - mean) / (std + 1e-8), the paper's; or `leave_one_out` "
+            "(r minus the mean of the other rollouts)."
+        },
+    )
+    relabel_topk: int = field(
+        default=1,
+        metadata={
+            "help": "Rollouts per group (best by advantage) that feed the item loss. The paper's default is 1; its "
+            "reference launch uses 2."
+        },
+    )
+    item_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the item surrogate in L = L_token + w * L_item (1 in the paper)."},
+    )
+    gather_negatives: bool = field(
+        default=True,
+        metadata={"help": "Use the other processes' in-batch target items as negatives of the item loss."},
+    )
+    index_refresh_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Re-encode the whole catalog every this many optimizer steps (0: only at evaluations). The batch's "
+            "target rows are refreshed at every step regardless."
+        },
+    )
+    item_batch_size: int = field(
+        default=32, metadata={"help": "Items per forward pass when (re)building the catalog index."}
+    )
+    eval_batch_users: int = field(
+        default=32, metadata={"help": "Users per batch of greedy reasoning during evaluation."}
+    )
+    eval_max_completion_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "New-token limit of greedy reasoning at evaluation (default: max_completion_length)."
+        },
+    )
+    evals_per_epoch: float | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate (and save) this many times per epoch; overrides eval_steps/save_steps. The paper "
+            "evaluates 8 times per epoch."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=8,
+        metadata={
+            "help": "Stop after this many evaluations without a better valid NDCG@10 (paper: 8; None: off)."
+        },
+    )
+
+    # --- TRL/transformers defaults changed to the paper's reference settings ---
+    learning_rate: float = field(default=1e-5, metadata={"help": "Paper: 1e-5, constant after warm-up."})
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup", metadata={"help": "Paper: constant with warm-up."}
+    )
+    warmup_steps: float = field(default=32, metadata={"help": "Paper: 32 warm-up steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Paper: gradient clipping at 1.0."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Paper: 3 epochs."})
+    num_generations: int | None = field(default=4, metadata={"help": "Rollouts per user (G). Paper: 4."})
+    per_device_train_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Rollouts per device per step = users per device x num_generations. Paper: 4 users x 4."
+        },
+    )
+    temperature: float = field(
+        default=2.0, metadata={"help": "Sampling temperature of rollouts. Paper: 2.0."}
+    )
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling of rollouts. Paper: 50."})
+    max_completion_length: int | None = field(
+        default=640, metadata={"help": "New-token limit of a rollout's reasoning. Paper: 640."}
+    )
+    epsilon: float = field(
+        default=0.2, metadata={"help": "Lower clip epsilon of both surrogates. Paper: 0.2."}
+    )
+    epsilon_high: float | None = field(
+        default=0.28, metadata={"help": "Upper clip epsilon of both surrogates. Paper: 0.28."}
+    )
+    beta: float = field(
+        default=0.0, metadata={"help": "KL coefficient. Paper: 0 (no KL term, no reference model)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Random seed. Paper: 42."})
+    metric_for_best_model: str | None = field(
+        default="valid/ndcg@10", metadata={"help": "Checkpoint selection metric. Paper: valid NDCG@10."}
+    )
+    greater_is_better: bool | None = field(default=True, metadata={"help": "Higher metric is better."})
+    log_completions: bool = field(
+        default=True, metadata={"help": "Log the rollouts table (reasoning, target, top-5, rank)."}
+    )
+
+    def __post_init__(self):
+        if self.advantage_kind not in ADVANTAGE_KINDS:
+            raise ValueError(f"advantage_kind must be one of {ADVANTAGE_KINDS}, got {self.advantage_kind!r}")
+        if not 0.0 <= self.softmax_reward_weight <= 1.0:
+            raise ValueError(f"softmax_reward_weight must lie in [0, 1], got {self.softmax_reward_weight}")
+        if self.similarity_temperature <= 0:
+            raise ValueError(f"similarity_temperature must be positive, got {self.similarity_temperature}")
+        if self.relabel_topk < 1:
+            raise ValueError(f"relabel_topk must be at least 1, got {self.relabel_topk}")
+        if self.bf16 is None:  # TRL turns bf16 on by default; that needs a GPU, so decide by the hardware
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.reward_weights is None:
+            self.reward_weights = [1.0 - self.softmax_reward_weight, self.softmax_reward_weight]
+        if self.mask_truncated_completions:
+            raise ValueError(
+                "mask_truncated_completions cannot be used with RecPO: every rollout is closed with the answer "
+                "marker (appended when the length limit cuts the reasoning), so none counts as truncated."
+            )
+        if self.num_generations is not None and self.relabel_topk > self.num_generations:
+            raise ValueError(
+                f"relabel_topk ({self.relabel_topk}) exceeds num_generations ({self.num_generations})"
+            )
+        super().__post_init__()

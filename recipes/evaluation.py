@@ -1,0 +1,247 @@
+"""Ranking evaluation shared by the trainer and `python -m recipes.evaluate`.
+
+Greedy reasoning closed by the answer marker, the user vector at the marker, full-catalog cosine
+scores, the user's history masked, and Hit@K / NDCG@K from `rewards.ranking` (one definition for
+rewards, evaluation and baselines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from recipes.vectors import MarkerCloser, encode_sequences, left_pad, unwrap
+from rewards.ranking import history_mask, ranking_metrics, target_rank
+
+
+def render_user_prompt(tokenizer, messages: list[dict], reasoning: bool, marker: str) -> list[int]:
+    """Token ids of a user prompt: ready for reasoning, or (no-reasoning) with the marker pre-filled."""
+    if reasoning:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": marker}], tokenize=False, continue_final_message=True
+        )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_item_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of an item prompt; its assistant turn is pre-filled with the marker and left open."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("An item prompt must end with the assistant turn pre-filled with the answer marker")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@contextlib.contextmanager
+def stop_at_marker(model: nn.Module, tokenizer, marker: str) -> Iterator[None]:
+    """Make `model.generate` stop at the marker text.
+
+    transformers' stop strings need the tokenizer passed to `generate`, which TRL's generation call does
+    not do; binding it on the model instance for the duration keeps TRL's generation path untouched.
+    """
+    target = unwrap_for_generate(model)
+    original = target.__dict__.get("generate")
+    bound = target.generate
+
+    def generate(*args, **kwargs):
+        kwargs.setdefault("tokenizer", tokenizer)
+        config = kwargs.get("generation_config")
+        if config is not None and marker not in (config.stop_strings or []):
+            config = config.__class__.from_dict(config.to_dict())
+            config.stop_strings = [*(config.stop_strings or []), marker]
+            kwargs["generation_config"] = config
+        elif config is None:
+            kwargs.setdefault("stop_strings", [marker])
+        return bound(*args, **kwargs)
+
+    target.generate = generate
+    try:
+        yield
+    finally:
+        if original is None:
+            del target.generate
+        else:
+            target.generate = original
+
+
+def unwrap_for_generate(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+@torch.no_grad()
+def greedy_reasoning(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    closer: MarkerCloser,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: str | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy reasoning for each prompt, cut after the marker (appended when missing)."""
+    device = next(model.parameters()).device
+    generator = unwrap_for_generate(model)
+    eos = tokenizer.eos_token_id
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        stop_strings=[closer.marker],
+    )
+    completions: list[list[int]] = [[] for _ in prompts]
+    found: list[bool] = [False for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    was_training = generator.training
+    generator.eval()
+    try:
+        for chunk in tqdm(chunks, desc=progress, disable=progress is None, unit="batch", leave=False):
+            ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
+            out = generator.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer
+            )
+            for row, index in enumerate(chunk):
+                generated = out[row, ids.size(1) :].tolist()
+                if eos in generated:
+                    generated = generated[: generated.index(eos) + 1]
+                completions[index], found[index] = closer.close(generated)
+    finally:
+        generator.train(was_training)
+    return completions, found
+
+
+def cosine_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, tau: float) -> torch.Tensor:
+    """s(u, i) = cos(h_u, h_i) / tau over the catalog. (users, items)"""
+    users = F.normalize(user_vecs.float(), dim=-1)
+    items = F.normalize(item_vecs.float().to(users.device), dim=-1)
+    return users @ items.T / tau
+
+
+@dataclass
+class RankingResult:
+    ranks: torch.Tensor  # (users,) 1-based rank of the target
+    top_items: torch.Tensor  # (users, k) best-scored non-history items
+    top_scores: torch.Tensor  # (users, k)
+    completions: list[str] = field(default_factory=list)
+    marker_found: list[bool] = field(default_factory=list)
+
+    def metrics(self, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+        return ranking_metrics(self.ranks, ks=tuple(ks))
+
+
+def rank_targets(
+    scores: torch.Tensor, targets: Sequence[int], histories: Sequence[Sequence[int]], top_k: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ranks of the targets and the top-k items with the history masked. scores: (users, items)"""
+    exclude = history_mask(histories, scores.size(1), device=scores.device)
+    target = torch.as_tensor(list(targets), dtype=torch.long, device=scores.device)
+    ranks = target_rank(scores, target, exclude=exclude)
+    k = min(top_k, scores.size(1))
+    masked = scores.masked_fill(exclude, float("-inf"))
+    masked[torch.arange(len(target), device=scores.device), target] = scores[
+        torch.arange(len(target), device=scores.device), target
+    ]
+    top_scores, top_items = masked.topk(k, dim=1)
+    return ranks, top_items, top_scores
+
+
+def build_item_index(
+    model: nn.Module,
+    item_prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 32,
+    progress: str | None = "item index",
+    accelerator=None,
+) -> torch.Tensor:
+    """Vectors of every catalog item, (items, d); shared across processes when an accelerator is given."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if accelerator is None or accelerator.num_processes == 1:
+                return encode_sequences(model, item_prompts, pad_id, batch_size, progress).float()
+            world, rank = accelerator.num_processes, accelerator.process_index
+            mine = list(range(rank, len(item_prompts), world))
+            per_rank = -(-len(item_prompts) // world)
+            local = encode_sequences(
+                model, [item_prompts[i] for i in mine], pad_id, batch_size, progress
+            ).float()
+            padded = local.new_zeros((per_rank, local.size(1)))
+            padded[: local.size(0)] = local
+            gathered = accelerator.gather(padded).view(world, per_rank, -1)  # (world, per_rank, d)
+            index = local.new_empty((len(item_prompts), local.size(1)))
+            for r in range(world):
+                rows = list(range(r, len(item_prompts), world))
+                index[rows] = gathered[r, : len(rows)]
+            return index
+    finally:
+        model.train(was_training)
+
+
+def evaluate_users(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[dict],
+    item_index: torch.Tensor,
+    closer: MarkerCloser,
+    *,
+    reasoning: bool = True,
+    tau: float = 0.02,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    top_k: int = 10,
+    progress: str | None = None,
+) -> RankingResult:
+    """Rank the full catalog for each sample row (`prompt`, `history`, `target`)."""
+    prompts = [render_user_prompt(tokenizer, row["prompt"], reasoning, closer.marker) for row in rows]
+    if reasoning:
+        completions, found = greedy_reasoning(
+            model,
+            tokenizer,
+            prompts,
+            closer,
+            max_new_tokens,
+            batch_size,
+            progress and f"{progress}: reasoning",
+        )
+    else:
+        completions, found = [[] for _ in prompts], [True for _ in prompts]
+    sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        user_vecs = encode_sequences(
+            model, sequences, tokenizer.pad_token_id, batch_size, progress and f"{progress}: user vectors"
+        )
+    model.train(was_training)
+    scores = cosine_scores(user_vecs, item_index, tau)  # (users, items)
+    ranks, top_items, top_scores = rank_targets(
+        scores, [row["target"] for row in rows], [row["history"] for row in rows], top_k
+    )
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return RankingResult(ranks.cpu(), top_items.cpu(), top_scores.cpu(), texts, found)
+
+
+__all__ = [
+    "RankingResult",
+    "build_item_index",
+    "cosine_scores",
+    "evaluate_users",
+    "greedy_reasoning",
+    "rank_targets",
+    "render_item_prompt",
+    "render_user_prompt",
+    "stop_at_marker",
+    "unwrap",
+]

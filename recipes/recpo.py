@@ -1,0 +1,162 @@
+"""Train a reasoning recommender with RecPO.
+
+    accelerate launch recipes/recpo.py --config recipes/configs/smollm2-135m/movielens/recpo.yaml
+    python recipes/recpo.py --help        # every option, from the same dataclasses as the YAML recipes
+
+Reads a dataset written by `python -m data_prep`, trains the model with RecPO (TRL GRPO plus the item
+loss), evaluates Hit@K/NDCG@K on valid before, during and after training, and writes
+`<output_dir>/results.json` ({"valid": {...}, "test": {...}}), the adapter and the item index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by accelerate: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import datasets
+import transformers
+from transformers import EarlyStoppingCallback, set_seed
+from accelerate import PartialState
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from recipes import modeling
+from recipes.config import RecPOConfig, ScriptArguments
+from recipes.results import format_table, write_results
+from recipes.trainer import RecPOTrainer, steps_per_epoch
+
+logger = logging.getLogger("recpo")
+
+
+def setup_logging(training_args: RecPOConfig) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    datasets.utils.logging.set_verbosity_warning()
+
+
+def setup_wandb(training_args: RecPOConfig) -> None:
+    """wandb works without an account: offline unless the user configured it (`wandb sync` uploads later)."""
+    if "wandb" not in (training_args.report_to or []):
+        return
+    if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_DIR", training_args.output_dir)
+    os.environ.setdefault("WANDB_PROJECT", "recpo")
+    Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+
+
+def load_data(script_args: ScriptArguments) -> datasets.DatasetDict:
+    path = Path(script_args.data_dir)
+    if not path.exists() and script_args.prepare_data:
+        logger.info("Preparing the embedded MovieLens-100K data into %s", path)
+        subprocess.run([sys.executable, "-m", "data_prep", "movielens", "--out", str(path)], check=True)
+    if not path.exists():
+        raise SystemExit(f"No dataset at {path}: run `make prepare-data` (or pass --prepare_data true).")
+    data = datasets.load_from_disk(str(path))
+    missing = {"train", "valid", "test", "items"} - set(data)
+    if missing:
+        raise SystemExit(
+            f"{path} lacks the split(s) {sorted(missing)}; rebuild it with `python -m data_prep`."
+        )
+    return data
+
+
+def load_model_and_tokenizer(model_args: ModelConfig, training_args: RecPOConfig):
+    modeling.check_quantisation_available(model_args.load_in_4bit, model_args.load_in_8bit)
+    modeling.check_optimizer_available(training_args.optim)
+    modeling.check_precision_available(training_args.bf16, training_args.fp16)
+    tokenizer = modeling.load_tokenizer(
+        model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
+    )
+    quantization_config = get_quantization_config(model_args)
+    model = modeling.load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype if model_args.dtype not in (None, "auto") else None,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization_config,
+        device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
+    )
+    return model, tokenizer
+
+
+def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: ModelConfig) -> dict:
+    set_seed(training_args.seed)
+    setup_logging(training_args)
+    setup_wandb(training_args)
+
+    data = load_data(script_args)
+    train = data["train"]
+    if script_args.max_train_samples is not None and script_args.max_train_samples < len(train):
+        train = train.shuffle(seed=training_args.seed).select(range(script_args.max_train_samples))
+
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+
+    if training_args.evals_per_epoch:
+        per_epoch = steps_per_epoch(len(train), training_args, training_args.world_size)
+        every = max(1, round(per_epoch / training_args.evals_per_epoch))
+        training_args.eval_steps = training_args.save_steps = every
+    callbacks = []
+    if training_args.early_stopping_patience and training_args.eval_strategy != "no":
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+
+    trainer = RecPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        items=data["items"],
+        eval_dataset=data["valid"],
+        test_dataset=data["test"],
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
+        max_eval_users=script_args.max_eval_users,
+        max_test_users=script_args.max_test_users,
+    )
+
+    splits = {"valid": trainer.eval_rows}
+    if script_args.evaluate_test:
+        splits["test"] = trainer.test_rows
+    before = {}
+    if script_args.evaluate_before and training_args.resume_from_checkpoint is None:
+        before = trainer.ranking_evaluation(splits)
+        trainer.log({f"before/{k}": v for k, v in before.items()})
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    after = trainer.ranking_evaluation(splits)
+    trainer.log({f"final/{k}": v for k, v in after.items()})
+    trainer.save_model(training_args.output_dir)
+    trainer.save_item_index(training_args.output_dir)
+    results = {}
+    if trainer.accelerator.is_main_process:
+        results = write_results(training_args.output_dir, after, before)
+        print(format_table(after, before))
+        with open(Path(training_args.output_dir) / "run_config.json", "w") as f:
+            json.dump(
+                {
+                    "script": vars(script_args),
+                    "model": model_args.to_dict(),
+                    "data_dir": script_args.data_dir,
+                },
+                f,
+                indent=2,
+                default=str,
+            )
+    trainer.accelerator.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ScriptArguments, RecPOConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

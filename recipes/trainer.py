@@ -1,0 +1,398 @@
+"""RecPOTrainer: TRL's GRPOTrainer taught to recommend.
+
+What RecPO changes, and where (DESIGN.md sections 2-4):
+- rollouts stop at the answer marker and are closed with it (`_generate_single_turn`);
+- each rollout's user vector is scored against the full catalog index before the rewards are computed,
+  and the scores reach the reward functions of `rewards/` as a column (`_calculate_rewards`);
+- advantages and the relabel mask are RecPO's (`_generate_and_score_completions`);
+- the loss is TRL's token surrogate plus the in-batch item surrogate, the user vector taken from the
+  same forward pass as the token log-probs through a hook on the final norm (`_compute_loss`);
+- evaluation is full-catalog ranking with greedy reasoning (`evaluate`).
+Everything else (reward weighting, logging, checkpoints, accumulation, loss types) stays TRL's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from datasets import Dataset
+from trl import GRPOTrainer
+
+from recipes.config import RecPOConfig
+from recipes.evaluation import (
+    RankingResult,
+    build_item_index,
+    cosine_scores,
+    evaluate_users,
+    rank_targets,
+    render_item_prompt,
+    render_user_prompt,
+    stop_at_marker,
+)
+from recipes.vectors import MarkerCloser, capture_final_hidden, last_token_hidden, left_pad
+from rewards import get_reward_funcs
+from rewards.advantages import group_advantages, relabel_mask
+from rewards.ranking import ranking_metrics
+from rewards.surrogate import item_surrogate_loss
+
+logger = logging.getLogger(__name__)
+
+ITEM_INDEX_FILE = "item_index.pt"
+
+
+class RecPOTrainer(GRPOTrainer):
+    _tag_names = ["trl", "grpo", "recpo"]
+
+    def __init__(
+        self,
+        model,
+        args: RecPOConfig,
+        train_dataset: Dataset,
+        items: Dataset,
+        eval_dataset: Dataset | None = None,
+        test_dataset: Dataset | None = None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        max_eval_users: int | None = None,
+        max_test_users: int | None = None,
+    ):
+        super().__init__(
+            model=model,
+            reward_funcs=get_reward_funcs(["ndcg", "softmax"]),
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        tokenizer = self.processing_class
+        self.closer = MarkerCloser(tokenizer, args.answer_marker)
+        self.items = items
+        self.item_titles: list[str] = list(items["title"])
+        self.item_prompt_ids = [render_item_prompt(tokenizer, p) for p in items["prompt"]]
+        self.item_index: torch.Tensor | None = None  # (items, d), float32
+        self.index_step: int | None = None
+        self.test_dataset = test_dataset
+        self.eval_rows = (
+            _subset(eval_dataset, max_eval_users, args.seed) if eval_dataset is not None else None
+        )
+        self.test_rows = (
+            _subset(test_dataset, max_test_users, args.seed) if test_dataset is not None else None
+        )
+        self.last_eval: dict[str, RankingResult] = {}
+        self._last_rewards_per_func: torch.Tensor | None = None
+        self._last_targets: list[int] = []
+
+    # ------------------------------------------------------------------ item index
+    def refresh_item_index(self) -> torch.Tensor:
+        self.item_index = build_item_index(
+            self.model,
+            self.item_prompt_ids,
+            self.processing_class.pad_token_id,
+            self.args.item_batch_size,
+            progress="item index" if self.accelerator.is_main_process else None,
+            accelerator=self.accelerator,
+        )
+        self.index_step = self.state.global_step
+        return self.item_index
+
+    def _ensure_index(self) -> torch.Tensor:
+        stale = (
+            self.args.index_refresh_steps > 0
+            and self.index_step is not None
+            and self.state.global_step - self.index_step >= self.args.index_refresh_steps
+        )
+        if self.item_index is None or stale:
+            self.refresh_item_index()
+        return self.item_index
+
+    def _item_vectors(self, model, item_columns: Sequence[int]) -> torch.Tensor:
+        """Vectors of the given items, with gradient if enabled. (len(item_columns), d)"""
+        ids, mask = left_pad(
+            [self.item_prompt_ids[i] for i in item_columns],
+            self.processing_class.pad_token_id,
+            self.accelerator.device,
+        )
+        return last_token_hidden(model, ids, mask)
+
+    # ------------------------------------------------------------------ rollouts
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        with stop_at_marker(self.model_wrapped, self.processing_class, self.args.answer_marker):
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        closed, found = [], []
+        for i, ids in enumerate(completion_ids):
+            new_ids, wrote_marker = self.closer.close(ids)
+            closed.append(new_ids)
+            found.append(wrote_marker)
+            if (
+                logprobs is not None
+            ):  # appended marker tokens were not sampled: no importance correction for them
+                kept = logprobs[i][: len(new_ids)]
+                logprobs[i] = kept + [None] * (len(new_ids) - len(kept))
+        mode = "train" if self.model.training else "eval"
+        found_all = self.accelerator.gather(
+            torch.tensor(found, dtype=torch.float32, device=self.accelerator.device)
+        )
+        self._metrics[mode]["completions/marker_written_ratio"].append(found_all.mean().item())
+        return closed, logprobs
+
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        self._last_prompt_ids, self._last_completion_ids = out[0], out[1]
+        return out
+
+    # ------------------------------------------------------------------ rewards
+    def _user_vectors_no_grad(self) -> torch.Tensor:
+        sequences = [p + c for p, c in zip(self._last_prompt_ids, self._last_completion_ids, strict=True)]
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            ids, mask = left_pad(sequences, self.processing_class.pad_token_id, self.accelerator.device)
+            vectors = last_token_hidden(self.model, ids, mask)
+        self.model.train(was_training)
+        return vectors.float()  # (n, d)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        index = self._ensure_index()
+        targets = [int(x["target"]) for x in inputs]
+        # The batch's targets get fresh vectors from the current policy before scoring.
+        fresh_items = sorted(set(targets))
+        with torch.no_grad():
+            was_training = self.model.training
+            self.model.eval()
+            index[fresh_items] = self._item_vectors(self.model, fresh_items).float()
+            self.model.train(was_training)
+        user_vecs = self._user_vectors_no_grad()
+        scores = cosine_scores(user_vecs, index, self.args.similarity_temperature)  # (n, items)
+        ranks, top_items, _ = rank_targets(scores, targets, [x["history"] for x in inputs], top_k=5)
+        for row, x in enumerate(inputs):
+            x["scores"] = scores[row]
+            x["ndcg_cutoff"] = self.args.ndcg_cutoff
+        self._log_completion_extra("target_title", [self.item_titles[t] for t in targets])
+        self._log_completion_extra("target_rank", ranks.tolist())
+        self._log_completion_extra(
+            "top5_titles", [" | ".join(self.item_titles[i] for i in row) for row in top_items.tolist()]
+        )
+        mode = "train" if self.model.training else "eval"
+        all_ranks = self.accelerator.gather(ranks.to(self.accelerator.device)).float()
+        for name, value in ranking_metrics(all_ranks).items():
+            self._metrics[mode][f"rollouts/{name}"].append(value)
+        self._metrics[mode]["rollouts/mean_rank"].append(all_ranks.mean().item())
+        try:
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            for x in inputs:
+                x.pop("scores", None)
+                x.pop("ndcg_cutoff", None)
+        self._last_rewards_per_func = rewards_per_func
+        self._last_targets = targets
+        return rewards_per_func
+
+    # ------------------------------------------------------------------ advantages
+    def _generate_and_score_completions(self, inputs):
+        if not self.args.reasoning:
+            return self._prompt_only_batch(inputs)
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        device = self.accelerator.device
+        rewards = (self._last_rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        advantages = group_advantages(rewards, group, kind=self.args.advantage_kind)  # (all processes' n,)
+        relabel = relabel_mask(advantages, group, topk=self.args.relabel_topk)
+        n = output["completion_ids"].size(0)
+        local = slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
+        output["advantages"] = advantages[local]
+        output["relabel_mask"] = relabel[local]
+        output["target_index"] = torch.tensor(self._last_targets, dtype=torch.long, device=device)
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        return output
+
+    def _prompt_only_batch(self, inputs):
+        """No-reasoning ablation: the prompt (marker pre-filled) is all the model sees; no rollouts, no rewards."""
+        device = self.accelerator.device
+        tokenizer = self.processing_class
+        prompt_ids = [
+            render_user_prompt(tokenizer, x["prompt"], False, self.args.answer_marker) for x in inputs
+        ]
+        ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+        group = self.num_generations
+        first_of_group = torch.tensor([i % group == 0 for i in range(len(inputs))], device=device)
+        return {
+            "prompt_ids": ids,
+            "prompt_mask": mask,
+            "target_index": torch.tensor([int(x["target"]) for x in inputs], dtype=torch.long, device=device),
+            "relabel_mask": first_of_group,  # the G copies of a prompt are identical: use one
+            "advantages": torch.ones(len(inputs), device=device),
+        }
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        if not self.args.reasoning:
+            user_vecs = last_token_hidden(model, inputs["prompt_ids"], inputs["prompt_mask"])
+            keep = inputs["relabel_mask"]
+            item_loss = self._item_loss(model, user_vecs[keep], inputs["target_index"][keep], None, None)
+            self._metrics[mode]["item_loss"].append(self.accelerator.gather(item_loss.detach()).mean().item())
+            return self.args.item_loss_weight * item_loss / self._accumulation(mode)
+        with capture_final_hidden(model) as capture:
+            token_loss = super()._compute_loss(model, inputs)
+        hidden = capture.hidden  # (B, P + C, d)
+        lengths = inputs["completion_mask"].sum(dim=1)
+        positions = inputs["prompt_ids"].size(1) + lengths - 1  # the marker's last token
+        user_vecs = hidden[torch.arange(hidden.size(0), device=hidden.device), positions]  # (B, d)
+        item_loss = self._item_loss(
+            model, user_vecs, inputs["target_index"], inputs["advantages"], inputs["relabel_mask"]
+        )
+        self._metrics[mode]["item_loss"].append(self.accelerator.gather(item_loss.detach()).mean().item())
+        return token_loss + self.args.item_loss_weight * item_loss / self._accumulation(mode)
+
+    def _accumulation(self, mode: str) -> float:
+        return float(self.current_gradient_accumulation_steps) if mode == "train" else 1.0
+
+    def _item_loss(self, model, user_vecs, targets, advantages, mask) -> torch.Tensor:
+        """In-batch item surrogate (or cross-entropy in the no-reasoning ablation)."""
+        if advantages is not None and not bool(mask.any()):
+            return user_vecs.sum() * 0.0  # keeps every process's graph alike under DDP
+        columns, inverse = torch.unique(targets, return_inverse=True)
+        item_vecs = self._item_vectors(model, columns.tolist())  # (T, d), with gradient
+        item_vecs, offset = self._gather_negatives(item_vecs)
+        target_cols = inverse + offset
+        if advantages is None:
+            scores = cosine_scores(user_vecs, item_vecs, self.args.similarity_temperature)
+            return F.cross_entropy(scores, target_cols)
+        return item_surrogate_loss(
+            user_vecs,
+            item_vecs,
+            target_cols,
+            advantages,
+            mask,
+            tau=self.args.similarity_temperature,
+            eps_low=self.args.epsilon,
+            eps_high=self.args.epsilon_high if self.args.epsilon_high is not None else self.args.epsilon,
+        )
+
+    def _gather_negatives(self, item_vecs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return gather_with_grad(item_vecs, self.accelerator) if self.args.gather_negatives else (item_vecs, 0)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        splits = {"valid": self.eval_rows}
+        if metric_key_prefix == "test":
+            splits = {"test": self.test_rows}
+        metrics = self.ranking_evaluation(splits)
+        self.log(dict(metrics))
+        return {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+
+    def ranking_evaluation(self, splits: dict[str, list[dict] | None]) -> dict[str, float]:
+        """Full-catalog ranking on each split (rows split across processes), with a fresh item index."""
+        self.refresh_item_index()
+        metrics: dict[str, float] = {}
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for name, rows in splits.items():
+            if not rows:
+                continue
+            mine = rows[rank::world]
+            result = evaluate_users(
+                self.model,
+                self.processing_class,
+                mine,
+                self.item_index,
+                self.closer,
+                reasoning=self.args.reasoning,
+                tau=self.args.similarity_temperature,
+                max_new_tokens=self.args.eval_max_completion_length or self.args.max_completion_length,
+                batch_size=self.args.eval_batch_users,
+                progress=f"eval {name}" if self.accelerator.is_main_process else None,
+            )
+            ranks = torch.tensor([r for part in gather_object([result.ranks.tolist()]) for r in part])
+            for key, value in ranking_metrics(ranks).items():
+                metrics[f"{name}/{key}"] = value
+            metrics[f"{name}/marker_written_ratio"] = float(
+                sum(gather_object([sum(result.marker_found)])) / max(len(rows), 1)
+            )
+            self.last_eval[name] = result
+            if self.accelerator.is_main_process:
+                self._write_traces(name, mine, result)
+        return metrics
+
+    def _write_traces(self, split: str, rows: list[dict], result: RankingResult) -> None:
+        path = os.path.join(self.args.output_dir, "traces", f"{split}_step{self.state.global_step:06d}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            for i, row in enumerate(rows):
+                record = {
+                    "user_id": row.get("user_id"),
+                    "history": [self.item_titles[h] for h in row["history"]],
+                    "reasoning": result.completions[i],
+                    "target": self.item_titles[row["target"]],
+                    "rank": int(result.ranks[i]),
+                    "top10": [
+                        {"title": self.item_titles[int(item)], "score": round(float(score), 4)}
+                        for item, score in zip(result.top_items[i], result.top_scores[i], strict=True)
+                    ],
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def save_item_index(self, output_dir: str) -> None:
+        if self.item_index is None or not self.accelerator.is_main_process:
+            return
+        torch.save(
+            {
+                "vectors": self.item_index.cpu(),
+                "num_items": len(self.item_prompt_ids),
+                "step": self.index_step,
+            },
+            os.path.join(output_dir, ITEM_INDEX_FILE),
+        )
+
+
+def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, int]:
+    """Concatenate every process's rows (their counts may differ); this process's rows keep their gradient.
+
+    Returns the rows and the offset of this process's block in them.
+    """
+    world = accelerator.num_processes
+    if world == 1:
+        return local, 0
+    counts = accelerator.gather(torch.tensor([local.size(0)], device=local.device)).tolist()
+    width = max(counts)
+    padded = local.new_zeros((width, local.size(1)))
+    padded[: local.size(0)] = local.detach()
+    gathered = accelerator.gather(padded).view(world, width, -1)  # (world, width, d)
+    rank = accelerator.process_index
+    blocks = [local if r == rank else gathered[r, : counts[r]] for r in range(world)]
+    return torch.cat(blocks, dim=0), sum(counts[:rank])
+
+
+def _subset(dataset: Dataset | None, limit: int | None, seed: int) -> list[dict] | None:
+    if dataset is None:
+        return None
+    indices = list(range(len(dataset)))
+    if limit is not None and limit < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, limit))
+    return [dataset[i] for i in indices]
+
+
+def steps_per_epoch(num_samples: int, args: RecPOConfig, num_processes: int) -> int:
+    users_per_step = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
+    users_per_step //= max(args.num_generations or 1, 1)
+    return max(1, math.ceil(num_samples / max(users_per_step, 1)))
