@@ -17,7 +17,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from recipes.vectors import MarkerCloser, encode_sequences, left_pad, unwrap
+from recipes.vectors import (
+    MarkerCloser,
+    encode_sequences,
+    encode_shared_prefix,
+    greedy_reason_and_encode,
+    left_pad,
+    unwrap,
+)
 from rewards.ranking import history_mask, ranking_metrics, target_rank
 
 
@@ -170,7 +177,7 @@ def build_item_index(
     try:
         with torch.no_grad():
             if accelerator is None or accelerator.num_processes == 1:
-                return encode_sequences(model, item_prompts, pad_id, batch_size, progress).float()
+                return encode_shared_prefix(model, item_prompts, pad_id, batch_size, progress).float()
             world, rank = accelerator.num_processes, accelerator.process_index
             mine = list(range(rank, len(item_prompts), world))
             per_rank = -(-len(item_prompts) // world)
@@ -205,26 +212,19 @@ def evaluate_users(
 ) -> RankingResult:
     """Rank the full catalog for each sample row (`prompt`, `history`, `target`)."""
     prompts = [render_user_prompt(tokenizer, row["prompt"], reasoning, closer.marker) for row in rows]
-    if reasoning:
-        completions, found = greedy_reasoning(
-            model,
-            tokenizer,
-            prompts,
-            closer,
-            max_new_tokens,
-            batch_size,
-            progress and f"{progress}: reasoning",
-        )
-    else:
-        completions, found = [[] for _ in prompts], [True for _ in prompts]
-    sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        user_vecs = encode_sequences(
-            model, sequences, tokenizer.pad_token_id, batch_size, progress and f"{progress}: user vectors"
-        )
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            if reasoning:
+                user_vecs, completions, found = greedy_reason_and_encode(
+                    model, tokenizer, prompts, closer, max_new_tokens, batch_size, progress
+                )
+            else:
+                user_vecs = encode_sequences(model, prompts, tokenizer.pad_token_id, batch_size, progress)
+                completions, found = [[] for _ in prompts], [True for _ in prompts]
+    finally:
+        model.train(was_training)
     scores = cosine_scores(user_vecs, item_index, tau)  # (users, items)
     ranks, top_items, top_scores = rank_targets(
         scores, [row["target"] for row in rows], [row["history"] for row in rows], top_k

@@ -10,6 +10,7 @@ loss), evaluates Hit@K/NDCG@K on valid before, during and after training, and wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,8 +23,8 @@ if __package__ in (None, ""):  # run as a script by accelerate: make the reposit
 
 import datasets
 import transformers
-from transformers import EarlyStoppingCallback, set_seed
 from accelerate import PartialState
+from transformers import EarlyStoppingCallback, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from recipes import modeling
@@ -146,7 +147,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
             json.dump(
                 {
                     "script": vars(script_args),
-                    "model": model_args.to_dict(),
+                    "model": dataclasses.asdict(model_args),
                     "data_dir": script_args.data_dir,
                 },
                 f,

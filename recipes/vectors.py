@@ -8,6 +8,8 @@ layer's hidden states and without full-vocabulary logits.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -178,3 +180,152 @@ class MarkerCloser:
         while ids and ids[-1] in self.special_ids:
             ids.pop()
         return ids + self.marker_ids, False
+
+
+def _cache_kwarg(backbone: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache`; use whichever this version's forward takes."""
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    first, shortest = sequences[0], min(len(s) for s in sequences)
+    length = 0
+    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+@torch.no_grad()
+def encode_shared_prefix(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 64,
+    progress: str | None = None,
+    min_prefix: int = 8,
+) -> torch.Tensor:
+    """`encode_sequences` for inputs that share a long prefix (item prompts share their instruction).
+
+    The prefix runs once; its key/value cache is copied for each batch of right-padded suffixes, so
+    the catalog costs only its suffix tokens. Falls back to the plain path when little is shared.
+    (n, d)
+    """
+    if len(sequences) < 2 or _common_prefix_length(sequences) < min_prefix:
+        return encode_sequences(model, sequences, pad_id, batch_size, progress)
+    device = next(model.parameters()).device
+    backbone = decoder(model)
+    cache_kw = _cache_kwarg(backbone)
+    prefix_len = _common_prefix_length(sequences)
+    prefix = torch.as_tensor([list(sequences[0][:prefix_len])], device=device)
+    prefix_out = backbone(input_ids=prefix, use_cache=True)
+    prefix_cache = getattr(prefix_out, cache_kw, None) or prefix_out.past_key_values
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    out: torch.Tensor | None = None
+    for chunk in tqdm(chunks, desc=progress, disable=progress is None, unit="batch", leave=False):
+        suffixes = [sequences[i][prefix_len:] for i in chunk]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(chunk), prefix_len + width), dtype=torch.long, device=device)
+        mask[:, :prefix_len] = 1
+        for row, suffix in enumerate(suffixes):
+            ids[row, : len(suffix)] = torch.as_tensor(suffix, device=device)
+            mask[row, prefix_len : prefix_len + len(suffix)] = 1
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(chunk))
+        with capture_final_hidden(model) as capture:
+            backbone(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kw: cache})
+        hidden = capture.hidden  # (chunk, width, d)
+        last = torch.as_tensor([len(s) - 1 for s in suffixes], device=device)
+        vectors = hidden[torch.arange(len(chunk), device=device), last]
+        if out is None:
+            out = torch.empty((len(sequences), vectors.size(-1)), dtype=vectors.dtype, device=device)
+        out[torch.as_tensor(chunk, device=device)] = vectors
+    return out
+
+
+@torch.no_grad()
+def greedy_reason_and_encode(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    closer: MarkerCloser,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: str | None = None,
+) -> tuple[torch.Tensor, list[list[int]], list[bool]]:
+    """Greedy reasoning that also returns the user vectors, without a second pass over the text.
+
+    The decoding loop feeds the marker's last token like any other, so its hidden state comes out of
+    the loop itself: evaluation costs one prefill instead of two. Rollouts are closed exactly as
+    `MarkerCloser.close` closes them (cut after the marker; EOS or the length limit: marker appended).
+    Returns (vectors (n, d), completion ids, whether the model wrote the marker itself).
+    """
+    device = next(model.parameters()).device
+    backbone = decoder(model)
+    head = unwrap(model).get_output_embeddings()
+    cache_kw = _cache_kwarg(backbone)
+    eos_ids = {
+        tokenizer.eos_token_id,
+        *([tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else []),
+    }
+    vectors: torch.Tensor | None = None
+    completions: list[list[int]] = [[] for _ in prompts]
+    wrote: list[bool] = [False for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc=progress, disable=progress is None, unit="batch", leave=False):
+        ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
+        out = backbone(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = getattr(out, cache_kw, None) or out.past_key_values
+        hidden = out.last_hidden_state[:, -1]  # (chunk, d)
+        rows = len(chunk)
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        texts = ["" for _ in range(rows)]
+        forced: list[list[int]] = [[] for _ in range(rows)]
+        closing = [False] * rows  # the token fed now completes the marker
+        appended = [False] * rows  # the marker was forced in (EOS or length limit)
+        done = [False] * rows
+        result = torch.zeros((rows, hidden.size(-1)), dtype=hidden.dtype, device=device)
+        for _ in range(max_new_tokens + len(closer.marker_ids) + 1):
+            choice = head(hidden).argmax(dim=-1).tolist()
+            feed = []
+            for r in range(rows):
+                if done[r]:
+                    feed.append(tokenizer.pad_token_id)
+                    continue
+                token = forced[r].pop(0) if forced[r] else choice[r]
+                if not appended[r] and token in eos_ids:  # ended without the marker
+                    forced[r], appended[r] = list(closer.marker_ids), True
+                    token = forced[r].pop(0)
+                generated[r].append(token)
+                texts[r] += closer._piece(token)
+                if forced[r] == [] and closer.marker in texts[r][-(len(closer.marker) + 64) :]:
+                    closing[r] = True
+                elif not appended[r] and len(generated[r]) >= max_new_tokens:
+                    forced[r], appended[r] = (
+                        list(closer.marker_ids),
+                        True,
+                    )  # length limit: close with the marker
+                feed.append(token)
+            step_ids = torch.as_tensor(feed, device=device).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+            out = backbone(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_kw: cache})
+            cache = getattr(out, cache_kw, None) or out.past_key_values
+            hidden = out.last_hidden_state[:, -1]
+            for r in range(rows):
+                if closing[r] and not done[r]:
+                    result[r] = hidden[r]
+                    done[r] = True
+            if all(done):
+                break
+        for r, index in enumerate(chunk):
+            completions[index] = generated[r]
+            wrote[index] = not appended[r]
+        if vectors is None:
+            vectors = torch.empty((len(prompts), result.size(-1)), dtype=result.dtype, device=device)
+        vectors[torch.as_tensor(chunk, device=device)] = result
+    if vectors is None:
+        raise ValueError("greedy_reason_and_encode got no prompts")
+    return vectors, completions, wrote
