@@ -1,0 +1,161 @@
+"""Shared fixtures of the trainer tests: a session model cache, a tiny random Llama with the real
+SmolLM2 tokenizer, a tiny synthetic dataset and a cheap RecPO configuration.
+
+The embedded SmolLM2 is converted once into `$RECPO_CACHE` (default `~/.cache/recpo`, reused by CI within
+a run); the tiny model only borrows its tokenizer, so every trainer test runs in seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.modeling import EMBEDDED_MODEL
+
+TINY_CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 2048,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def recpo_environment() -> Path:
+    """One model cache per test session, no wandb, and one torch thread per process (the box is shared)."""
+    cache = Path(os.environ.setdefault("RECPO_CACHE", str(Path.home() / ".cache" / "recpo")))
+    os.environ["WANDB_MODE"] = "disabled"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tokenizer(recpo_environment):
+    from recipes.modeling import load_tokenizer
+
+    return load_tokenizer(EMBEDDED_MODEL)
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    """A random-weight LlamaForCausalLM with SmolLM2's vocabulary and chat template in mind."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **TINY_CONFIG,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """Folder with the tiny model and the real tokenizer: what `--model_name_or_path` accepts."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return build_tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A few hundred samples over ~60 items in the data_prep contract (splits train/valid/test/items)."""
+    from data_prep.__main__ import main as data_prep
+
+    root = tmp_path_factory.mktemp("synthetic")
+    raw = root / "raw"
+    assert (
+        data_prep(
+            ["synthetic", "--users", "40", "--items", "60", "--interactions", "600", "--out-raw", str(raw)]
+        )
+        == 0
+    )
+    out = root / "data"
+    assert (
+        data_prep(
+            [
+                "amazon2023",
+                "--reviews",
+                str(raw / "Synthetic.jsonl.gz"),
+                "--meta",
+                str(raw / "meta_Synthetic.jsonl.gz"),
+                "--out",
+                str(out),
+                "--window-size",
+                "5",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def recpo_args(output_dir: Path, model_dir: Path | str, data_dir: Path, **overrides):
+    """(ScriptArguments, RecPOConfig, ModelConfig) of a tiny run: 2 users x 2 rollouts of 8 tokens, LoRA."""
+    from trl import ModelConfig
+
+    from recipes.config import RecPOConfig, ScriptArguments
+
+    script = {
+        "data_dir": str(data_dir),
+        "max_train_samples": 16,
+        "max_eval_users": 4,
+        "max_test_users": 4,
+        "evaluate_before": False,
+    }
+    model = {
+        "model_name_or_path": str(model_dir),
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
+    training = {
+        "output_dir": str(output_dir),
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 8,
+        "learning_rate": 1e-3,
+        "warmup_steps": 0,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "logging_steps": 1,
+        "gradient_checkpointing": False,
+        "item_batch_size": 64,
+        "eval_batch_users": 8,
+        "early_stopping_patience": None,
+        "log_completions": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "use_cpu": True,
+    }
+    for key, value in overrides.items():
+        target = (
+            script
+            if key in ScriptArguments.__dataclass_fields__
+            else model
+            if key in ModelConfig.__dataclass_fields__ and key not in RecPOConfig.__dataclass_fields__
+            else training
+        )
+        target[key] = value
+    return ScriptArguments(**script), RecPOConfig(**training), ModelConfig(**model)
