@@ -11,7 +11,7 @@ CATEGORY ?=
 OUT ?=
 CONFIG ?= recipes/configs/smollm2-135m/movielens/recpo.yaml
 
-.PHONY: setup prepare-data train test test-slow test-all lint format quality style bench clean
+.PHONY: setup prepare-data train baselines report test test-slow test-all lint format quality style bench clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,27 @@ $(STAMP): requirements.txt requirements-embedded.txt pyproject.toml
 
 # make prepare-data                                      -> data/ml-100k (embedded MovieLens-100K)
 # make prepare-data SOURCE=amazon2023 CATEGORY=Video_Games -> data/amazon2023-Video_Games
+# (extra data_prep flags in ARGS, e.g. ARGS="--start 2022-10-01 --end 2023-10-01")
 prepare-data: setup
 	$(PY) -m data_prep $(SOURCE) $(if $(CATEGORY),--category $(CATEGORY)) \
-		--out $(or $(OUT),$(if $(CATEGORY),data/$(SOURCE)-$(CATEGORY),data/ml-100k))
+		--out $(or $(OUT),$(if $(CATEGORY),data/$(SOURCE)-$(CATEGORY),data/ml-100k)) $(ARGS)
+
+# The main job on the embedded default: MovieLens-100K (history window 5) and SmolLM2-135M on this CPU.
+# Extra flags for recipes/recpo.py go in ARGS, e.g. make train ARGS="--max_steps 10".
+TRAIN_DATA ?= data/ml-100k-w5
+train: setup
+	test -d $(TRAIN_DATA) || $(PY) -m data_prep movielens --window-size 5 --out $(TRAIN_DATA)
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/recpo.py --config $(CONFIG) $(ARGS)
+
+baselines: setup
+	test -d $(TRAIN_DATA) || $(PY) -m data_prep movielens --window-size 5 --out $(TRAIN_DATA)
+	$(PY) -m recipes.baselines popularity --data $(TRAIN_DATA) --out reports/ml-100k/popularity.json
+	$(PY) -m recipes.baselines sasrec --data $(TRAIN_DATA) --out reports/ml-100k/sasrec.json
+
+# make report RUNS="popularity=reports/ml-100k/popularity.json recpo=outputs/smollm2-135m-movielens-recpo"
+report: setup
+	$(PY) -m recipes.report $(foreach r,$(RUNS),--run $(r)) --out $(or $(OUT),reports/ml-100k)
 
 test: setup
 	$(PY) -m pytest -q

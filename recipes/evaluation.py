@@ -28,6 +28,28 @@ from recipes.vectors import (
 from rewards.ranking import history_mask, ranking_metrics, target_rank
 
 
+def supports_system_role(tokenizer) -> bool:
+    """Some chat templates (Gemma-2's) reject a system turn."""
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], tokenize=False
+        )
+    except Exception:  # the template raises its own error type (jinja's TemplateError, ValueError...)
+        return False
+    return True
+
+
+def fold_system_turn(messages: list[dict]) -> list[dict]:
+    """Move a leading system message into the first user message, for templates without a system role."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
+        return rest
+    return [{"role": "user", "content": system}, *rest]
+
+
 def render_user_prompt(tokenizer, messages: list[dict], reasoning: bool, marker: str) -> list[int]:
     """Token ids of a user prompt: ready for reasoning, or (no-reasoning) with the marker pre-filled."""
     if reasoning:
@@ -240,8 +262,10 @@ __all__ = [
     "evaluate_users",
     "greedy_reasoning",
     "rank_targets",
+    "fold_system_turn",
     "render_item_prompt",
     "render_user_prompt",
     "stop_at_marker",
+    "supports_system_role",
     "unwrap",
 ]

@@ -29,6 +29,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from recipes import modeling
 from recipes.config import RecPOConfig, ScriptArguments
+from recipes.evaluation import fold_system_turn, supports_system_role
 from recipes.results import format_table, write_results
 from recipes.trainer import RecPOTrainer, steps_per_epoch
 
@@ -102,6 +103,9 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         train = train.shuffle(seed=training_args.seed).select(range(script_args.max_train_samples))
 
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    if not supports_system_role(tokenizer):  # e.g. Gemma-2: the system text joins the user turn
+        data = data.map(lambda row: {"prompt": fold_system_turn(row["prompt"])}, desc="fold system turn")
+        train = train.map(lambda row: {"prompt": fold_system_turn(row["prompt"])}, desc="fold system turn")
 
     if training_args.evals_per_epoch:
         per_epoch = steps_per_epoch(len(train), training_args, training_args.world_size)

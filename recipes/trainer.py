@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Sequence
 
 import torch
@@ -129,6 +130,7 @@ class RecPOTrainer(GRPOTrainer):
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
+        started = time.perf_counter()
         with stop_at_marker(self.model_wrapped, self.processing_class, self.args.answer_marker):
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -148,6 +150,7 @@ class RecPOTrainer(GRPOTrainer):
             torch.tensor(found, dtype=torch.float32, device=self.accelerator.device)
         )
         self._metrics[mode]["completions/marker_written_ratio"].append(found_all.mean().item())
+        self._metrics[mode]["timing/generation_s"].append(time.perf_counter() - started)
         return closed, logprobs
 
     def _generate(self, prompts: list):
@@ -167,6 +170,7 @@ class RecPOTrainer(GRPOTrainer):
         return vectors.float()  # (n, d)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        started = time.perf_counter()
         index = self._ensure_index()
         targets = [int(x["target"]) for x in inputs]
         # The batch's targets get fresh vectors from the current policy before scoring.
@@ -200,6 +204,7 @@ class RecPOTrainer(GRPOTrainer):
                 x.pop("ndcg_cutoff", None)
         self._last_rewards_per_func = rewards_per_func
         self._last_targets = targets
+        self._metrics[mode]["timing/scoring_s"].append(time.perf_counter() - started)
         return rewards_per_func
 
     # ------------------------------------------------------------------ advantages

@@ -1,0 +1,134 @@
+"""Time split of a RecPO step: generation, scoring (vectors + rewards), update.
+
+    python -m benchmarks step                                  # embedded SmolLM2-135M, CPU, fp32
+    python -m benchmarks step -- --shape qwen2.5-0.5b --bf16    # random Qwen2.5-0.5B shape on a GPU
+
+Runs a few real training steps of `recipes/recpo.py` on MovieLens-100K (history window 5) and reads
+the per-step timings the trainer logs (`timing/generation_s`, `timing/scoring_s`, `step_time`). The
+first step also builds the catalog index and is reported apart. Random weights have the speed of
+trained ones, so the larger shapes need no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path("bench_out") / "step"
+
+SHAPES = {
+    # name: (hidden, layers, heads, kv heads, intermediate, vocab)
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936),
+    "qwen2.5-3b": (2048, 36, 16, 2, 11008, 151936),
+}
+
+
+def random_model(shape: str) -> str:
+    """Save a randomly initialised model of a real shape, with the embedded tokenizer, once."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from recipes.modeling import EMBEDDED_MODEL, load_tokenizer
+
+    folder = OUT / f"random-{shape}"
+    if (folder / "config.json").exists():
+        return str(folder)
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    config = Qwen2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        tie_word_embeddings=shape == "qwen2.5-0.5b",
+        max_position_embeddings=32768,
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    load_tokenizer(EMBEDDED_MODEL).save_pretrained(folder)
+    return str(folder)
+
+
+def ensure_data() -> str:
+    data = Path("data/ml-100k-w5")
+    if not data.exists():
+        subprocess.run(
+            [sys.executable, "-m", "data_prep", "movielens", "--window-size", "5", "--out", str(data)],
+            check=True,
+        )
+    return str(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shape", default="embedded", choices=["embedded", *SHAPES], help="model (default: embedded)"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="training steps (default: 4; the first is set apart)"
+    )
+    parser.add_argument("--users", type=int, default=4, help="users per step (default: 4)")
+    parser.add_argument("--generations", type=int, default=2, help="rollouts per user (default: 2)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="max new tokens per rollout (default: 32)")
+    parser.add_argument("--cache-implementation", default=None, help="e.g. static (GPU)")
+    args = parser.parse_args(argv)
+
+    model = "embedded/SmolLM2-135M-Instruct" if args.shape == "embedded" else random_model(args.shape)
+    output = OUT / f"run-{args.shape}"
+    command = [
+        sys.executable, "recipes/recpo.py",
+        "--model_name_or_path", model, "--data_dir", ensure_data(), "--output_dir", str(output),
+        "--max_steps", str(args.steps), "--num_generations", str(args.generations),
+        "--per_device_train_batch_size", str(args.users * args.generations),
+        "--max_completion_length", str(args.new_tokens), "--temperature", "1.0",
+        "--use_peft", "true", "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
+        "--gradient_checkpointing", "false", "--eval_strategy", "no", "--save_strategy", "no",
+        "--evaluate_before", "false", "--max_eval_users", "1", "--max_test_users", "1", "--evaluate_test", "false",
+        "--logging_steps", "1", "--report_to", "none", "--log_completions", "false", "--item_batch_size", "64",
+        "--bf16", str(args.bf16).lower(),
+    ]  # fmt: skip
+    if args.cache_implementation:
+        command += ["--cache_implementation", args.cache_implementation]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    wall = time.perf_counter() - started
+    state = (
+        json.loads((output / "trainer_state.json").read_text())
+        if (output / "trainer_state.json").exists()
+        else None
+    )
+    if state is None:
+        checkpoints = sorted(output.glob("checkpoint-*/trainer_state.json"))
+        state = json.loads(checkpoints[-1].read_text()) if checkpoints else {"log_history": []}
+    steps = [e for e in state["log_history"] if "step_time" in e]
+    if not steps:
+        print("no step timings were logged", file=sys.stderr)
+        return 1
+
+    def split(entry):
+        generation, scoring = entry.get("timing/generation_s", 0.0), entry.get("timing/scoring_s", 0.0)
+        return entry["step_time"], generation, scoring, entry["step_time"] - generation - scoring
+
+    print(
+        f"model={args.shape} bf16={args.bf16} users/step={args.users} G={args.generations} new_tokens={args.new_tokens}"
+    )
+    first = split(steps[0])
+    print(f"step 1 (builds the item index): total {first[0]:.2f}s  scoring {first[2]:.2f}s")
+    rest = [split(e) for e in steps[1:]] or [first]
+    total, generation, scoring, update = (statistics.mean(col) for col in zip(*rest, strict=True))
+    print(f"steady step (mean of {len(rest)}): total {total:.2f}s")
+    for name, value in (("generation", generation), ("scoring", scoring), ("update", update)):
+        print(f"  {name:<11}{value:7.2f}s  {100 * value / total:5.1f}%")
+    print(f"wall time of the whole run (load, index, steps): {wall:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
