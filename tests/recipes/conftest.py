@@ -159,3 +159,47 @@ def recpo_args(output_dir: Path, model_dir: Path | str, data_dir: Path, **overri
         )
         target[key] = value
     return ScriptArguments(**script), RecPOConfig(**training), ModelConfig(**model)
+
+
+def build_trainer(
+    tokenizer,
+    data_dir: Path,
+    output_dir: Path,
+    model=None,
+    *,
+    lora: bool = True,
+    random_lora_b: bool = False,
+    max_eval_users: int | None = 4,
+    **config,
+):
+    """A RecPOTrainer on the tiny model and the synthetic data, built in-process (no `main`)."""
+    from datasets import load_from_disk
+    from peft import LoraConfig
+
+    from recipes.trainer import RecPOTrainer
+
+    data = load_from_disk(str(data_dir))
+    _, args, _ = recpo_args(output_dir, "unused", data_dir, **config)
+    peft_config = None
+    if lora:
+        peft_config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            task_type="CAUSAL_LM",
+            # peft's default starts B at zero, which leaves lora_A without gradient at step 0.
+            init_lora_weights=not random_lora_b,
+        )
+    return RecPOTrainer(
+        model=model if model is not None else build_tiny_model(tokenizer),
+        args=args,
+        train_dataset=data["train"].select(range(16)),
+        items=data["items"],
+        eval_dataset=data["valid"],
+        test_dataset=data["test"],
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        max_eval_users=max_eval_users,
+        max_test_users=max_eval_users,
+    )
