@@ -1,0 +1,270 @@
+"""Evaluate a model on a split: full-catalog ranking with the history masked, Hit@K / NDCG@K, traces.
+
+    python -m recipes.evaluate --model outputs/smollm2-135m-movielens-recpo --data data/ml-100k-w5 \\
+        --split test --out reports/ml-100k/recpo.json
+    python -m recipes.evaluate --model embedded/SmolLM2-135M-Instruct --data data/ml-100k-w5 \\
+        --split test --max-users 200 --out reports/ml-100k/zero-shot.json
+
+`--model` is a training output folder, a checkpoint-N folder, a model folder or Hub id, or the embedded
+default (see `recipes/loading.py`). Each user gets greedy reasoning closed by the answer marker (or, with
+`--no-reasoning`, the marker right after the prompt); the hidden state there is scored against every
+catalog item with cos / tau, and the target's rank gives the metrics of `rewards.ranking`, the same
+definitions as the trainer and `recipes.baselines`. `--out` writes `{"<split>": {"hit@5": ...}}`, the
+shape of the trainer's results file, which `recipes.report` reads. The traces file holds one JSON line per
+user: user id, history titles, the reasoning, the target title, its rank and the top-10 with scores.
+The item index is reused when it belongs to the same weights and catalog, rebuilt otherwise (how it is
+decided: `recipes/loading.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from recipes.baselines import format_table, load_dataset_dir
+from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt
+from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference
+from recipes.modeling import EMBEDDED_MODEL
+from recipes.vectors import MarkerCloser
+
+logger = logging.getLogger("recipes.evaluate")
+
+TRACE_TOP = 10
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared with `recipes.recommend`: which model, where it runs, how it reasons."""
+    parser.add_argument(
+        "--model",
+        default=EMBEDDED_MODEL,
+        help="A training output folder, a checkpoint-N folder inside one, a model folder or Hub id, or the "
+        f"embedded default (default: {EMBEDDED_MODEL}).",
+    )
+    parser.add_argument("--data", required=True, help="A data_prep output folder (datasets.load_from_disk).")
+    parser.add_argument(
+        "--no-reasoning",
+        dest="reasoning",
+        action="store_false",
+        help="Read the user vector right after the prompt, with the answer marker pre-filled, instead of after "
+        "greedy reasoning (the paper's no-reasoning ablation; default: reason).",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="Reasoning tokens before the answer marker is forced in (default: 128).",
+    )
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=0.02,
+        help="tau in s(u, i) = cos(h_u, h_i) / tau (default: 0.02, the paper's).",
+    )
+    parser.add_argument(
+        "--answer-marker",
+        default="<answer>",
+        help="Text that closes the reasoning; it must be the marker the model was trained with (default: <answer>).",
+    )
+    parser.add_argument(
+        "--item-batch-size",
+        type=int,
+        default=64,
+        help="Items encoded at once when building the index (default: 64).",
+    )
+    parser.add_argument(
+        "--rebuild-index",
+        action="store_true",
+        help="Always recompute the item index, even when a matching one exists (default: reuse a matching one).",
+    )
+    parser.add_argument(
+        "--no-index-cache",
+        dest="index_cache",
+        action="store_false",
+        help="Neither read nor write item indexes under $RECPO_CACHE/item_index (default: use the cache; the "
+        "trainer's item_index.pt is still reused when it matches).",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, a GPU when there is one)."
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="Weights' dtype (default: float32; bfloat16 halves memory on a GPU).",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default: 0, torch's own choice)."
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--split", default="test", choices=["valid", "test"], help="Which split to rank (default: test)."
+    )
+    parser.add_argument(
+        "--max-users",
+        type=int,
+        default=None,
+        help="Evaluate a fixed random subset of this many samples, drawn with --seed (default: all). The same "
+        "seed draws the same subset as the trainer's --max_eval_users/--max_test_users.",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="Users reasoned at once (default: 32).")
+    parser.add_argument("--seed", type=int, default=42, help="Seed of the --max-users subset (default: 42).")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help='Write the metrics here as JSON: {"<split>": {"hit@5": ...}} (default: none).',
+    )
+    parser.add_argument(
+        "--traces",
+        default=None,
+        help="JSON-lines file of per-user traces (default: <out stem>_traces_<split>.jsonl beside --out, or "
+        "traces_<split>.jsonl in the current folder without --out).",
+    )
+    return parser
+
+
+def select_rows(dataset: Dataset, max_users: int | None, seed: int) -> list[dict]:
+    """All rows, or a seeded random subset in dataset order (the trainer draws its subsets the same way)."""
+    indices = list(range(len(dataset)))
+    if max_users is not None and max_users < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, max_users))
+    return dataset.select(indices).to_list()
+
+
+def item_prompt_ids(tokenizer, items: Dataset) -> list[list[int]]:
+    return [render_item_prompt(tokenizer, messages) for messages in items["prompt"]]
+
+
+def default_traces_path(out: str | None, split: str) -> Path:
+    if out:
+        out_path = Path(out)
+        return out_path.with_name(f"{out_path.stem}_traces_{split}.jsonl")
+    return Path(f"traces_{split}.jsonl")
+
+
+def trace_records(rows: Sequence[dict], result: RankingResult, titles: Sequence[str]) -> Iterator[dict]:
+    """One record per user, the same fields as the trainer's traces plus whether the model wrote the marker."""
+    for i, row in enumerate(rows):
+        top = [
+            {"title": titles[int(item)], "score": round(float(score), 4)}
+            for item, score in zip(result.top_items[i], result.top_scores[i], strict=True)
+            if score != float("-inf")  # a catalog with fewer than 10 unmasked items
+        ]
+        yield {
+            "user_id": row.get("user_id"),
+            "history": [titles[h] for h in row["history"]],
+            "reasoning": result.completions[i] if result.completions else "",
+            "marker_written": bool(result.marker_found[i]) if result.marker_found else None,
+            "target": titles[row["target"]],
+            "rank": int(result.ranks[i]),
+            "top10": top,
+        }
+
+
+def write_jsonl(path: Path, records: Iterator[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def load_model_or_exit(args: argparse.Namespace) -> LoadedModel:
+    try:
+        return load_for_inference(args.model, device=args.device, dtype=args.dtype)
+    except ModelLoadError as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+def check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {value}")
+
+
+def setup_logging() -> None:
+    """Our INFO lines (what was loaded, where the index came from); libraries stay at WARNING."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("recipes").setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    check_positive(args, ["max_users", "batch_size", "item_batch_size", "max_new_tokens", "tau"])
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data = load_dataset_dir(args.data)
+    items = data["items"]
+    rows = select_rows(data[args.split], args.max_users, args.seed)
+    if not rows:
+        raise SystemExit(f"error: --data {args.data}: the {args.split} split is empty")
+
+    start = time.perf_counter()
+    loaded = load_model_or_exit(args)
+    logger.info("Loaded %s", loaded.description)
+    closer = MarkerCloser(loaded.tokenizer, args.answer_marker)
+    item_ids = list(items["item_id"])
+    index, how = item_index_for(
+        loaded,
+        item_prompt_ids(loaded.tokenizer, items),
+        item_ids,
+        batch_size=args.item_batch_size,
+        rebuild=args.rebuild_index,
+        use_cache=args.index_cache,
+    )
+    logger.info("Item index: %s", how)
+    result = evaluate_users(
+        loaded.model,
+        loaded.tokenizer,
+        rows,
+        index,
+        closer,
+        reasoning=args.reasoning,
+        tau=args.tau,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        top_k=TRACE_TOP,
+        progress=f"eval {args.split}",
+    )
+    results = {args.split: result.metrics()}
+    elapsed = time.perf_counter() - start
+    mode = "reasoning" if args.reasoning else "no reasoning"
+    print(
+        format_table(
+            results, f"{loaded.description} on {args.data}, {len(rows)} users, {mode} ({elapsed:.1f} s)"
+        )
+    )
+    if args.reasoning:
+        written = sum(result.marker_found) / len(rows)
+        print(f"answer marker written by the model itself: {written:.1%} of users", file=sys.stderr)
+
+    traces = Path(args.traces) if args.traces else default_traces_path(args.out, args.split)
+    write_jsonl(traces, trace_records(rows, result, list(items["title"])))
+    print(f"traces: {traces}", file=sys.stderr)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"metrics: {args.out}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

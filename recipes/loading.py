@@ -1,0 +1,362 @@
+"""Load a model to evaluate or recommend with, and the item index that goes with it.
+
+`--model M` of `recipes.evaluate` and `recipes.recommend` is one of:
+- a training output folder (`recipes/recpo.py --output_dir`): the PEFT adapter (or full weights), the
+  tokenizer, `run_config.json` and the trainer's `item_index.pt`;
+- a checkpoint folder inside it (`checkpoint-N/`): adapter and tokenizer, no item index;
+- a local model folder or a Hub id (anything `from_pretrained` reads);
+- the embedded default `embedded/SmolLM2-135M-Instruct`.
+
+A PEFT adapter is loaded onto its base model (`base_model_name_or_path` of `adapter_config.json`; when
+that folder is gone, e.g. the converted embedded model of another machine's cache, the run's
+`run_config.json` names the model it was trained from) and merged into it, which makes inference
+faster and gives the same vectors up to float rounding.
+
+Item index reuse. The catalog's item vectors cost one forward pass per item, so they are reused when
+they provably belong to the model being evaluated:
+- an index in the cache (`$RECPO_CACHE/item_index/<fingerprint>.pt`) is keyed by a fingerprint of the
+  loaded weights (a strided sample of every parameter tensor, with its name, shape and dtype: any
+  change to the weights, LoRA merged in included, changes it) and of the item prompts' token ids
+  (catalog, prompt text and tokenizer); it is used only when both match;
+- the trainer's `item_index.pt` in an output folder carries no fingerprint, so it is used when its
+  `num_items` matches the catalog, it was written no earlier than the weights beside it (the trainer
+  saves the adapter, then the index computed with those weights; an adapter saved later means other
+  weights), and the run's own dataset, when it can still be found, has the same item ids in the same
+  order as the `--data` catalog.
+Anything else rebuilds the index (and stores it in the cache unless told not to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from recipes.evaluation import build_item_index
+from recipes.modeling import EMBEDDED_MODEL, cache_root, load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+ITEM_INDEX_FILE = "item_index.pt"  # the trainer's name (recipes/trainer.py); not imported: that pulls in TRL
+RUN_CONFIG_FILE = "run_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+SAMPLES_PER_TENSOR = 256
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """`--model` names something that cannot be loaded; the message says what is missing where."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what --model said
+    description: str  # what was loaded, for the log and the printed table
+    folder: Path | None  # the local folder --model named, if any
+    weights_file: Path | None  # the adapter or model weights in `folder`
+    trainer_index: Path | None  # the trainer's item_index.pt beside the weights, if any
+    run_config: dict | None  # the run's run_config.json (the folder's, or its parent's for a checkpoint)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    return torch.device(name)
+
+
+def _first_file(folder: Path, names: Sequence[str]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+
+
+def _run_config(folder: Path) -> dict | None:
+    """run_config.json of the run: in the folder itself, or its parent when the folder is a checkpoint."""
+    for candidate in (folder / RUN_CONFIG_FILE, folder.parent / RUN_CONFIG_FILE):
+        if candidate.is_file():
+            return _read_json(candidate)
+    return None
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else that is not on disk was meant as a local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _base_model(adapter_dir: Path, run_config: dict | None) -> str:
+    """The model an adapter was trained on, as a name `load_model` accepts."""
+    base = _read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if base and (Path(base).is_dir() or not _looks_like_path(base)):
+        return base
+    trained_from = ((run_config or {}).get("model") or {}).get("model_name_or_path")
+    if trained_from:  # the base folder is gone (e.g. another machine's cache): use what the run started from
+        logger.info("Adapter base %s is not here; loading the run's model %s", base, trained_from)
+        return trained_from
+    if base and Path(base).parts[-2:] == ("models", "SmolLM2-135M-Instruct"):
+        return EMBEDDED_MODEL  # the converted embedded model, in some other cache
+    raise ModelLoadError(
+        f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path {base!r} is not a folder here, and no "
+        f"{RUN_CONFIG_FILE} names the model the run was trained from; set that field to the base model's "
+        "folder or Hub id"
+    )
+
+
+def _tokenizer_source(folder: Path, fallback: str) -> str:
+    for candidate in (folder, folder.parent):
+        if (candidate / "tokenizer_config.json").is_file():
+            return str(candidate)
+    return fallback
+
+
+def load_for_inference(source: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Resolve `--model` into a ready-to-run model (eval mode, on `device`) and its tokenizer."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
+    target = pick_device(device)
+    folder = Path(source).expanduser()
+    if source == EMBEDDED_MODEL or not folder.exists():
+        if source != EMBEDDED_MODEL and _looks_like_path(source):
+            raise ModelLoadError(
+                f"--model {source}: no such folder (expected a training output folder, a checkpoint-N folder, "
+                f"a model folder, a Hub id or {EMBEDDED_MODEL})"
+            )
+        model, tokenizer = _load_plain(source, dtype)
+        return LoadedModel(model.to(target).eval(), tokenizer, source, source, None, None, None, None)
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"--model {source}: a file, expected a folder (training output, checkpoint or model)"
+        )
+    run_config = _run_config(folder)
+    adapter = _first_file(folder, ADAPTER_WEIGHTS)
+    if (folder / ADAPTER_CONFIG).is_file():
+        if adapter is None:
+            raise ModelLoadError(
+                f"{folder}: has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})"
+            )
+        base = _base_model(folder, run_config)
+        tokenizer = load_tokenizer(_tokenizer_source(folder, base))
+        model = _load_adapter(folder, base, dtype)
+        description = f"adapter {folder} on {base}"
+        weights = adapter
+    elif (folder / "config.json").is_file():
+        weights = _first_file(folder, FULL_WEIGHTS)
+        if weights is None:
+            raise ModelLoadError(f"{folder}: has config.json but no weights ({' or '.join(FULL_WEIGHTS)})")
+        model, tokenizer = _load_plain(str(folder), dtype)
+        description = f"model {folder}"
+    else:
+        checkpoints = _checkpoints(folder)
+        hint = (
+            f"; it holds {', '.join(p.name for p in checkpoints)}: pass one of them, e.g. {checkpoints[-1]}"
+            if checkpoints
+            else ""
+        )
+        raise ModelLoadError(
+            f"--model {folder}: neither {ADAPTER_CONFIG} (a PEFT adapter) nor config.json (a model) is in this "
+            f"folder{hint}"
+        )
+    index = folder / ITEM_INDEX_FILE
+    return LoadedModel(
+        model.to(target).eval(),
+        tokenizer,
+        source,
+        description,
+        folder,
+        weights,
+        index if index.is_file() else None,
+        run_config,
+    )
+
+
+def _load_plain(name: str, dtype: str):
+    try:
+        tokenizer = load_tokenizer(name)
+        model = load_model(name, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as err:  # not a local folder, and no such (reachable) Hub id
+        raise ModelLoadError(
+            f"--model {name}: not a local folder, and loading it as a Hub id failed ({err})"
+        ) from err
+    return model, tokenizer
+
+
+def _load_adapter(folder: Path, base: str, dtype: str) -> nn.Module:
+    try:
+        from peft import PeftModel
+    except ImportError as err:  # pragma: no cover - peft is pinned in requirements.txt
+        raise ModelLoadError(f"{folder} holds a PEFT adapter; loading it needs `pip install peft`") from err
+    try:
+        model = load_model(base, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"{folder / ADAPTER_CONFIG}: cannot load the base model {base!r} ({err})"
+        ) from err
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------------------- item index
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A cheap hash of the weights: name, shape, dtype and a strided sample of each parameter tensor."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
+            sample = flat[::step][:SAMPLES_PER_TENSOR].float().cpu()
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def prompts_fingerprint(item_prompt_ids: Sequence[Sequence[int]]) -> str:
+    digest = hashlib.sha256()
+    for ids in item_prompt_ids:
+        digest.update(torch.as_tensor(list(ids), dtype=torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def index_fingerprint(model: nn.Module, item_prompt_ids: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha256(
+        (weights_fingerprint(model) + prompts_fingerprint(item_prompt_ids)).encode()
+    ).hexdigest()[:32]
+
+
+def index_cache_path(fingerprint: str) -> Path:
+    return cache_root() / "item_index" / f"{fingerprint}.pt"
+
+
+def _load_index(path: Path) -> dict | None:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        logger.warning("Ignoring the unreadable item index %s (%s)", path, err)
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("vectors"), torch.Tensor):
+        logger.warning("Ignoring %s: not an item index (expected a dict with 'vectors')", path)
+        return None
+    return data
+
+
+def _same_catalog(run_config: dict | None, item_ids: Sequence[str]) -> tuple[bool, str]:
+    """Whether the run's own dataset has these item ids in this order (unknown when it is not here)."""
+    script = (run_config or {}).get("script") or {}
+    data_dir = script.get("data_dir") or (run_config or {}).get("data_dir")
+    if not data_dir or not Path(data_dir).is_dir():
+        return True, "the run's dataset is not here to compare catalogs; trusting num_items"
+    try:
+        from datasets import load_from_disk
+
+        theirs = load_from_disk(data_dir)["items"]["item_id"]
+    except (OSError, KeyError, ValueError) as err:
+        return True, f"could not read the run's dataset {data_dir} ({err}); trusting num_items"
+    if list(theirs) != list(item_ids):
+        return False, f"the run was trained on another catalog ({data_dir})"
+    return True, f"same catalog as the run's dataset {data_dir}"
+
+
+def trainer_index_matches(loaded: LoadedModel, num_items: int, item_ids: Sequence[str]) -> tuple[bool, str]:
+    """Whether the trainer's item_index.pt in an output folder belongs to these weights and this catalog."""
+    path = loaded.trainer_index
+    if path is None:
+        return False, "no trainer item index"
+    data = _load_index(path)
+    if data is None:
+        return False, f"{path} is unreadable"
+    rows = int(data["vectors"].shape[0])
+    if data.get("num_items", rows) != num_items or rows != num_items:
+        return False, f"{path} has {rows} items, the catalog {num_items}"
+    if loaded.weights_file is not None and path.stat().st_mtime < loaded.weights_file.stat().st_mtime:
+        return False, f"{path} is older than {loaded.weights_file.name} (other weights)"
+    return _same_catalog(loaded.run_config, item_ids)
+
+
+def item_index_for(
+    loaded: LoadedModel,
+    item_prompt_ids: Sequence[Sequence[int]],
+    item_ids: Sequence[str],
+    batch_size: int = 32,
+    rebuild: bool = False,
+    use_cache: bool = True,
+) -> tuple[torch.Tensor, str]:
+    """The catalog's item vectors for this model (items, d), and a line saying where they came from."""
+    num_items = len(item_prompt_ids)
+    if not rebuild and loaded.trainer_index is not None:
+        ok, why = trainer_index_matches(loaded, num_items, item_ids)
+        if ok:
+            vectors = _load_index(loaded.trainer_index)["vectors"].float()
+            return vectors, f"reused {loaded.trainer_index} ({why})"
+        logger.info("Not reusing the trainer's item index: %s", why)
+    fingerprint = index_fingerprint(loaded.model, item_prompt_ids)
+    cached = index_cache_path(fingerprint)
+    if not rebuild and use_cache and cached.is_file():
+        data = _load_index(cached)
+        if (
+            data is not None
+            and data.get("fingerprint") == fingerprint
+            and data["vectors"].shape[0] == num_items
+        ):
+            return data["vectors"].float(), f"reused {cached} (fingerprint {fingerprint[:12]})"
+    vectors = build_item_index(
+        loaded.model, item_prompt_ids, loaded.tokenizer.pad_token_id, batch_size, progress="item index"
+    ).cpu()
+    how = f"built for {num_items} items"
+    if use_cache:
+        save_index(cached, vectors, fingerprint, loaded.description)
+        how += f", cached as {cached}"
+    return vectors, how
+
+
+def save_index(path: Path, vectors: torch.Tensor, fingerprint: str, model: str) -> None:
+    """Write atomically: a crash or a concurrent writer never leaves half a file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".index-", suffix=".pt", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(
+            {"vectors": vectors, "num_items": vectors.shape[0], "fingerprint": fingerprint, "model": model},
+            tmp,
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "index_fingerprint",
+    "item_index_for",
+    "load_for_inference",
+    "pick_device",
+    "weights_fingerprint",
+]
