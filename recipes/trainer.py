@@ -305,7 +305,11 @@ class RecPOTrainer(GRPOTrainer):
             splits = {"test": self.test_rows}
         metrics = self.ranking_evaluation(splits)
         self.log(dict(metrics))
-        return {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        prefixed = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        # Trainer.evaluate's contract: without on_evaluate, early stopping never runs and should_evaluate
+        # stays set, so the epoch-end check evaluates the last step a second time.
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, prefixed)
+        return prefixed
 
     def ranking_evaluation(self, splits: dict[str, list[dict] | None]) -> dict[str, float]:
         """Full-catalog ranking on each split (rows split across processes), with a fresh item index."""
