@@ -61,6 +61,31 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return model.eval()
 
 
+def chain_model(tokenizer, scripts: dict[int, list[int]]):
+    """Tiny Llama whose greedy continuation of a prompt ending in token `k` is `scripts[k]` (then anything).
+
+    Each script must not repeat a token with two different successors. Attention and MLP outputs are
+    scaled down, not removed, so the hidden states still depend on the whole context.
+    """
+    model = build_tiny_model(tokenizer, seed=1)
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+        emb = model.model.embed_tokens.weight
+        head = torch.nn.Linear(emb.size(1), emb.size(0), bias=False)
+        head.weight.zero_()
+        successor: dict[int, int] = {}
+        for start, script in scripts.items():
+            for current, following in zip([start, *script[:-1]], script, strict=True):
+                assert successor.setdefault(current, following) == following, "ambiguous script"
+        for current, following in successor.items():
+            head.weight[following] += 20.0 * emb[current] / emb[current].norm()
+        model.lm_head = head
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """Folder with the tiny model and the real tokenizer: what `--model_name_or_path` accepts."""

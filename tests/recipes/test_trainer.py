@@ -1,0 +1,305 @@
+"""RecPOTrainer on a tiny random Llama and a tiny synthetic dataset: rollouts, rewards, advantages, runs, resume.
+
+Every number the trainer produces here is recomputed independently (plain encoders, the reward functions
+of `rewards/`), and the runs go through `recipes.recpo.main` or the command line, as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes import recpo
+from recipes.evaluation import build_item_index, cosine_scores
+from recipes.vectors import encode_sequences
+from rewards import ndcg, softmax
+from rewards.advantages import group_advantages
+from tests.recipes.conftest import build_trainer, chain_model, recpo_args
+
+REPO = Path(__file__).resolve().parents[2]
+MARKER = "<answer>"
+METRICS = {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
+
+
+def marker_ids(tokenizer) -> list[int]:
+    return tokenizer.encode(MARKER, add_special_tokens=False)
+
+
+def prompts_of(trainer, rows: list[dict]) -> list[list[int]]:
+    prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"] for row in rows])
+    return prompt_ids
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def test_rollout_without_marker_gets_it_appended(tokenizer, synthetic_data, tmp_path):
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out")
+    trainer.model.train()
+    rows = [trainer.train_dataset[i] for i in (0, 1)]
+    completions, _ = trainer._generate_single_turn(prompts_of(trainer, rows), None, {}, 2)
+    marker = marker_ids(tokenizer)
+    assert len(completions) == 2
+    for ids in completions:
+        assert ids[-len(marker) :] == marker
+        assert trainer.closer.marker_end(ids[: -len(marker)]) is None  # the random model never wrote it
+        assert tokenizer.eos_token_id not in ids
+        assert len(ids) <= trainer.args.max_completion_length + len(marker)
+    assert trainer._metrics["train"]["completions/marker_written_ratio"][-1] == 0.0
+
+
+def test_rollout_that_writes_the_marker_is_cut_right_after_it(tokenizer, synthetic_data, tmp_path):
+    script = tokenizer.encode("Because I liked it <answer> then", add_special_tokens=False)
+    probe = build_trainer(tokenizer, synthetic_data, tmp_path / "probe", lora=False)
+    prompts = prompts_of(probe, [probe.train_dataset[i] for i in (0, 1)])
+    assert {p[-1] for p in prompts} == {prompts[0][-1]}  # every chat prompt ends with the same token
+    model = chain_model(tokenizer, {prompts[0][-1]: script})
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", model=model, lora=False)
+    trainer.model.train()
+    completions, _ = trainer._generate_single_turn(prompts, None, {}, 2)
+    cut = script.index(marker_ids(tokenizer)[-1]) + 1
+    assert completions == [script[:cut]] * 2
+    assert trainer._metrics["train"]["completions/marker_written_ratio"][-1] == 1.0
+
+
+# ----------------------------------------------------------------------------- rewards and advantages
+
+
+def test_advantages_are_recpo_group_advantages_of_the_fused_reward(tokenizer, synthetic_data, tmp_path):
+    trainer = build_trainer(
+        tokenizer,
+        synthetic_data,
+        tmp_path / "out",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        relabel_topk=2,
+        advantage_kind="leave_one_out",  # differs from TRL's own (r - mean) / std
+        temperature=4.0,
+    )
+    trainer.model.train()
+    rows = [trainer.train_dataset[i] for i in (0, 1)]
+    inputs = [dict(row) for row in rows for _ in range(4)]  # distinct dicts, as TRL's dataloader yields
+    output = trainer._generate_and_score_completions(inputs)
+
+    # Independently: user vectors of prompt + completion, a freshly built index, the rewards of rewards/.
+    model = trainer.model
+    sequences = [
+        p[m.bool()].tolist() + c[cm.bool()].tolist()
+        for p, m, c, cm in zip(
+            output["prompt_ids"],
+            output["prompt_mask"],
+            output["completion_ids"],
+            output["completion_mask"],
+            strict=True,
+        )
+    ]
+    assert all(tokenizer.decode(s).endswith(MARKER) for s in sequences)
+    model.eval()
+    with torch.no_grad():
+        users = encode_sequences(model, sequences, tokenizer.pad_token_id)
+        index = build_item_index(model, trainer.item_prompt_ids, tokenizer.pad_token_id, progress=None)
+    model.train()
+    scores = cosine_scores(users, index, trainer.args.similarity_temperature)
+    columns = {
+        "target": [row["target"] for row in inputs],
+        "history": [row["history"] for row in inputs],
+    }
+    ndcg_reward = torch.tensor(ndcg(scores=scores, ndcg_cutoff=1000, **columns))
+    softmax_reward = torch.tensor(softmax(scores=scores, **columns))
+    torch.testing.assert_close(
+        trainer._last_rewards_per_func, torch.stack([ndcg_reward, softmax_reward], 1), atol=1e-5, rtol=1e-3
+    )
+    fused = 0.95 * ndcg_reward + 0.05 * softmax_reward
+    expected = group_advantages(fused, 4, kind="leave_one_out")
+    torch.testing.assert_close(output["advantages"], expected, atol=1e-5, rtol=1e-3)
+    assert output["advantages"].abs().sum() > 0  # rollouts of a group differ: the check is not 0 == 0
+    assert list(trainer._logs["advantages"])[-8:] == pytest.approx(output["advantages"].tolist())
+
+    relabel = output["relabel_mask"].view(2, 4)
+    assert relabel.sum(1).tolist() == [2, 2]
+    grouped = output["advantages"].view(2, 4)
+    for g in range(2):
+        assert grouped[g][relabel[g]].min() >= grouped[g][~relabel[g]].max()
+    assert output["target_index"].tolist() == columns["target"]
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def log_history(checkpoint: Path) -> list[dict]:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+
+
+def assert_results_file(output_dir: Path, splits: tuple[str, ...]) -> dict:
+    results = json.loads((output_dir / "results.json").read_text())
+    assert set(results) == set(splits)
+    for split in splits:
+        assert set(results[split]) == METRICS
+        assert all(0.0 <= v <= 1.0 for v in results[split].values())
+    return results
+
+
+def test_two_step_run_writes_results_and_logs_reward_metrics(tiny_model_dir, synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    args = recpo_args(
+        out,
+        tiny_model_dir,
+        synthetic_data,
+        evaluate_before=True,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    returned = recpo.main(*args)
+
+    results = assert_results_file(out, ("valid", "test"))
+    assert returned == results
+    assert set(json.loads((out / "results_before.json").read_text())) == {"valid", "test"}
+    assert (out / "adapter_model.safetensors").is_file() and (out / "item_index.pt").is_file()
+    history = log_history(out / "checkpoint-2")
+    train_logs = [e for e in history if "loss" in e]
+    assert [e["step"] for e in train_logs] == [1, 2]
+    for entry in train_logs:
+        for key in ("rewards/ndcg/mean", "rewards/softmax/mean", "reward", "item_loss", "loss"):
+            assert math.isfinite(entry[key]), key
+        assert 0.0 <= entry["rewards/ndcg/mean"] <= 1.0
+    assert [e["step"] for e in history if "valid/ndcg@10" in e] == [1, 2]
+
+
+def test_no_reasoning_mode_trains_and_evaluates(tiny_model_dir, synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    args = recpo_args(
+        out, tiny_model_dir, synthetic_data, reasoning=False, save_strategy="steps", save_steps=2
+    )
+    recpo.main(*args)
+
+    assert_results_file(out, ("valid", "test"))
+    train_logs = [e for e in log_history(out / "checkpoint-2") if "loss" in e]
+    assert [e["step"] for e in train_logs] == [1, 2]
+    for entry in train_logs:
+        assert math.isfinite(entry["loss"]) and math.isfinite(entry["item_loss"])
+        assert entry["item_loss"] > 0  # cross-entropy over the in-batch targets
+    traces = sorted((out / "traces").glob("valid_step*.jsonl"))
+    assert traces and all(json.loads(line)["reasoning"] == "" for line in traces[-1].read_text().splitlines())
+
+
+def test_early_stopping_stops_a_run_whose_valid_ndcg_does_not_improve(tokenizer, synthetic_data, tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    trainer = build_trainer(
+        tokenizer,
+        synthetic_data,
+        tmp_path / "out",
+        max_steps=5,
+        learning_rate=0.0,  # the model never changes, so valid NDCG@10 never improves
+        eval_strategy="steps",
+        eval_steps=1,
+    )
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=1))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    # Each evaluation runs once: the end of training does not evaluate the last step again.
+    assert [e["step"] for e in trainer.state.log_history if "valid/ndcg@10" in e] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def cli(model_dir: Path, data_dir: Path, out: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "recipes" / "recpo.py"),
+        "--model_name_or_path", str(model_dir),
+        "--data_dir", str(data_dir),
+        "--output_dir", str(out),
+        "--max_steps", str(max_steps),
+        "--per_device_train_batch_size", "4",
+        "--num_generations", "2",
+        "--max_completion_length", "8",
+        "--max_train_samples", "64",
+        "--max_eval_users", "4",
+        "--max_test_users", "4",
+        "--evaluate_before", "false",
+        "--evaluate_test", "false",
+        "--eval_strategy", "no",
+        "--save_strategy", "steps",
+        "--save_steps", "1",
+        "--report_to", "none",
+        "--logging_steps", "1",
+        "--learning_rate", "1e-3",
+        "--warmup_steps", "0",
+        "--use_peft", "true",
+        "--lora_r", "4",
+        "--lora_alpha", "8",
+        "--lora_target_modules", "q_proj", "v_proj",
+        "--gradient_checkpointing", "false",
+        "--early_stopping_patience", "0",
+        "--log_completions", "false",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_continues(tiny_model_dir, synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    log = (tmp_path / "killed.log").open("w")
+    first = subprocess.Popen(
+        cli(tiny_model_dir, synthetic_data, out, 1000), env=subprocess_env(), stdout=log, stderr=log
+    )
+    checkpoint = out / "checkpoint-1"
+    try:
+        deadline = time.monotonic() + 240
+        while not (checkpoint / "trainer_state.json").is_file():  # written last by the Trainer
+            assert first.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint-1 within 240 s"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        log.close()
+    assert first.returncode == -signal.SIGKILL
+    assert not (out / "results.json").exists()
+    for later in out.glob("checkpoint-*"):  # a later checkpoint may be half written when the kill lands
+        if later != checkpoint:
+            shutil.rmtree(later)
+    # Mark the checkpoint's state: the resumed run must carry this entry over, not start afresh.
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    state["log_history"][0]["resume_probe"] = 1.0
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+    resumed = subprocess.run(
+        cli(tiny_model_dir, synthetic_data, out, 3, "--resume_from_checkpoint", str(checkpoint)),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert final["global_step"] == 3
+    train_steps = [e["step"] for e in final["log_history"] if "loss" in e]
+    assert train_steps == [1, 2, 3]
+    assert final["log_history"][0].get("resume_probe") == 1.0
+    assert all(math.isfinite(e["loss"]) for e in final["log_history"] if "loss" in e)
+    assert_results_file(out, ("valid",))
