@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset
@@ -375,8 +376,10 @@ class RecPOTrainer(GRPOTrainer):
 
 
 def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, int]:
-    """Concatenate every process's rows (their counts may differ); this process's rows keep their gradient.
+    """Concatenate every process's rows (their counts may differ), differentiably.
 
+    The gather's backward sums, into each process's own rows, the gradient every process's loss sends to
+    them: the other processes' rollouts score this process's items too, as they would in one process.
     Returns the rows and the offset of this process's block in them.
     """
     world = accelerator.num_processes
@@ -384,11 +387,10 @@ def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, in
         return local, 0
     counts = accelerator.gather(torch.tensor([local.size(0)], device=local.device)).tolist()
     width = max(counts)
-    padded = local.new_zeros((width, local.size(1)))
-    padded[: local.size(0)] = local.detach()
-    gathered = accelerator.gather(padded).view(world, width, -1)  # (world, width, d)
+    padded = torch.cat([local, local.new_zeros((width - local.size(0), local.size(1)))])  # (width, d)
+    gathered = torch.distributed.nn.functional.all_gather(padded)  # world x (width, d)
     rank = accelerator.process_index
-    blocks = [local if r == rank else gathered[r, : counts[r]] for r in range(world)]
+    blocks = [local if r == rank else gathered[r][: counts[r]] for r in range(world)]
     return torch.cat(blocks, dim=0), sum(counts[:rank])
 
 
