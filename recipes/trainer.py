@@ -274,8 +274,8 @@ class RecPOTrainer(GRPOTrainer):
 
     def _item_loss(self, model, user_vecs, targets, advantages, mask) -> torch.Tensor:
         """In-batch item surrogate (or cross-entropy in the no-reasoning ablation)."""
-        if advantages is not None and not bool(mask.any()):
-            return user_vecs.sum() * 0.0  # keeps every process's graph alike under DDP
+        # No early return when this process relabelled no rollout (a group split across processes): the
+        # gather of negatives is collective, and item_surrogate_loss then gives 0 with a graph through it.
         columns, inverse = torch.unique(targets, return_inverse=True)
         item_vecs = self._item_vectors(model, columns.tolist())  # (T, d), with gradient
         item_vecs, offset = self._gather_negatives(item_vecs)
