@@ -105,7 +105,9 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 def _looks_like_path(name: str) -> bool:
     """A Hub id is `name` or `org/name`; anything else that is not on disk was meant as a local path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name).parent.is_dir()  # `outputs/run` while `outputs/` is here
 
 
 def _base_model(adapter_dir: Path, run_config: dict | None) -> str:
