@@ -135,12 +135,12 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     before = {}
     if script_args.evaluate_before and training_args.resume_from_checkpoint is None:
         before = trainer.ranking_evaluation(splits)
-        trainer.log({f"before/{k}": v for k, v in before.items()})
+        trainer.log_metrics_only({f"before/{k}": v for k, v in before.items()})
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     after = trainer.ranking_evaluation(splits)
-    trainer.log({f"final/{k}": v for k, v in after.items()})
+    trainer.log_metrics_only({f"final/{k}": v for k, v in after.items()})
     trainer.save_model(training_args.output_dir)
     trainer.save_item_index(training_args.output_dir)
     results = {}

@@ -26,6 +26,7 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset
+from transformers import Trainer
 from trl import GRPOTrainer
 
 from recipes.config import RecPOConfig
@@ -118,6 +119,18 @@ class RecPOTrainer(GRPOTrainer):
             self.refresh_item_index()
         return self.item_index
 
+    def _refresh_rows(self, items: list[int]) -> None:
+        """Give the batch's target items fresh vectors from the current policy, on every process alike."""
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            vectors = self._item_vectors(self.model, items).float()
+        self.model.train(was_training)
+        if self.accelerator.num_processes > 1:
+            vectors, _ = gather_with_grad(vectors, self.accelerator)
+            items = [item for part in gather_object([items]) for item in part]
+        self.item_index[items] = vectors.to(self.item_index.device)
+
     def _item_vectors(self, model, item_columns: Sequence[int]) -> torch.Tensor:
         """Vectors of the given items, with gradient if enabled. (len(item_columns), d)"""
         ids, mask = left_pad(
@@ -174,19 +187,15 @@ class RecPOTrainer(GRPOTrainer):
         started = time.perf_counter()
         index = self._ensure_index()
         targets = [int(x["target"]) for x in inputs]
-        # The batch's targets get fresh vectors from the current policy before scoring.
-        fresh_items = sorted(set(targets))
-        with torch.no_grad():
-            was_training = self.model.training
-            self.model.eval()
-            index[fresh_items] = self._item_vectors(self.model, fresh_items).float()
-            self.model.train(was_training)
+        self._refresh_rows(sorted(set(targets)))
         user_vecs = self._user_vectors_no_grad()
         scores = cosine_scores(user_vecs, index, self.args.similarity_temperature)  # (n, items)
         ranks, top_items, _ = rank_targets(scores, targets, [x["history"] for x in inputs], top_k=5)
-        for row, x in enumerate(inputs):
-            x["scores"] = scores[row]
-            x["ndcg_cutoff"] = self.args.ndcg_cutoff
+        # The scores reach the reward functions as a column (rewards/__init__.py documents the contract);
+        # copies keep them out of the dataset rows, which a group's rollouts may share.
+        scored = [
+            {**x, "scores": scores[row], "ndcg_cutoff": self.args.ndcg_cutoff} for row, x in enumerate(inputs)
+        ]
         self._log_completion_extra("target_title", [self.item_titles[t] for t in targets])
         self._log_completion_extra("target_rank", ranks.tolist())
         self._log_completion_extra(
@@ -197,12 +206,7 @@ class RecPOTrainer(GRPOTrainer):
         for name, value in ranking_metrics(all_ranks).items():
             self._metrics[mode][f"rollouts/{name}"].append(value)
         self._metrics[mode]["rollouts/mean_rank"].append(all_ranks.mean().item())
-        try:
-            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        finally:
-            for x in inputs:
-                x.pop("scores", None)
-                x.pop("ndcg_cutoff", None)
+        rewards_per_func = super()._calculate_rewards(scored, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func
         self._last_targets = targets
         self._metrics[mode]["timing/scoring_s"].append(time.perf_counter() - started)
@@ -305,12 +309,16 @@ class RecPOTrainer(GRPOTrainer):
         if metric_key_prefix == "test":
             splits = {"test": self.test_rows}
         metrics = self.ranking_evaluation(splits)
-        self.log(dict(metrics))
+        self.log_metrics_only(metrics)
         prefixed = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         # Trainer.evaluate's contract: without on_evaluate, early stopping never runs and should_evaluate
         # stays set, so the epoch-end check evaluates the last step a second time.
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, prefixed)
         return prefixed
+
+    def log_metrics_only(self, metrics: dict[str, float]) -> None:
+        """Log evaluation figures as they are; GRPOTrainer.log would also flush pending training metrics."""
+        Trainer.log(self, dict(metrics))
 
     def ranking_evaluation(self, splits: dict[str, list[dict] | None]) -> dict[str, float]:
         """Full-catalog ranking on each split (rows split across processes), with a fresh item index."""
