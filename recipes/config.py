@@ -46,6 +46,13 @@ class ScriptArguments:
     evaluate_test: bool = field(
         default=True, metadata={"help": "Evaluate the final (best) model on the test split at the end."}
     )
+    time_budget_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training (cleanly, after the current step) once this many minutes of training have "
+            "passed; the final evaluation still runs. Lets a CPU run fit a wall-clock budget on any machine."
+        },
+    )
     evaluate_before: bool = field(
         default=True,
         metadata={

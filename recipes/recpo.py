@@ -31,7 +31,7 @@ from recipes import modeling
 from recipes.config import RecPOConfig, ScriptArguments
 from recipes.evaluation import fold_system_turn, supports_system_role
 from recipes.results import format_table, write_results
-from recipes.trainer import RecPOTrainer, steps_per_epoch
+from recipes.trainer import RecPOTrainer, TimeBudgetCallback, steps_per_epoch
 
 logger = logging.getLogger("recpo")
 
@@ -112,6 +112,8 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         every = max(1, round(per_epoch / training_args.evals_per_epoch))
         training_args.eval_steps = training_args.save_steps = every
     callbacks = []
+    if script_args.time_budget_minutes:
+        callbacks.append(TimeBudgetCallback(script_args.time_budget_minutes))
     if training_args.early_stopping_patience and training_args.eval_strategy != "no":
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
 
@@ -142,6 +144,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     after = trainer.ranking_evaluation(splits)
     trainer.log_metrics_only({f"final/{k}": v for k, v in after.items()})
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json beside results.json: the report draws its curves from it
     trainer.save_item_index(training_args.output_dir)
     results = {}
     if trainer.accelerator.is_main_process:

@@ -26,7 +26,7 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl import GRPOTrainer
 
 from recipes.config import RecPOConfig
@@ -381,6 +381,26 @@ class RecPOTrainer(GRPOTrainer):
             },
             os.path.join(output_dir, ITEM_INDEX_FILE),
         )
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Ends training after the step during which the wall-clock budget ran out."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60.0
+        self.started: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started is not None and time.perf_counter() - self.started >= self.seconds:
+            logger.info(
+                "Time budget of %.1f min reached at step %d: stopping", self.seconds / 60, state.global_step
+            )
+            control.should_training_stop = True
+            control.should_save = True
+        return control
 
 
 def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, int]:

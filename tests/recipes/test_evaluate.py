@@ -14,38 +14,13 @@ import torch
 from recipes import evaluate
 from recipes.loading import ITEM_INDEX_FILE, item_index_for, load_for_inference
 from recipes.modeling import EMBEDDED_MODEL
+from tests.recipes.conftest import TINY_CONFIG, build_tiny_model
 
-TINY = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "max_position_embeddings": 2048,
-}
 FAST = ["--max-new-tokens", "6", "--threads", "1", "--item-batch-size", "64"]
 METRICS = {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
 
 
 # ------------------------------------------------------------------ shared builders (also used by test_recommend)
-
-
-def build_tiny_model(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        **TINY,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval()
 
 
 def save_model_dir(folder: Path, tokenizer, seed: int = 0) -> Path:
@@ -226,7 +201,7 @@ def test_trainer_index_is_reused_when_it_matches_the_adapter_and_rebuilt_when_no
 ):
     run = make_training_output(tmp_path / "run", model_dir, smol_tokenizer, data_dir)
     num_items = len(catalog(data_dir))
-    sentinel = torch.randn(num_items, TINY["hidden_size"])
+    sentinel = torch.randn(num_items, TINY_CONFIG["hidden_size"])
     write_trainer_index(run, sentinel)
     loaded = load_for_inference(str(run), device="cpu")
     assert "adapter" in loaded.description and loaded.trainer_index == run / ITEM_INDEX_FILE
@@ -259,7 +234,7 @@ def test_trainer_index_of_another_catalog_is_not_reused(
     other["items"] = other["items"].map(lambda row: {"item_id": row["item_id"] + "-x"})
     other.save_to_disk(str(tmp_path / "other"))
     (run / "run_config.json").write_text(json.dumps({"script": {"data_dir": str(tmp_path / "other")}}))
-    sentinel = torch.randn(len(other["items"]), TINY["hidden_size"])
+    sentinel = torch.randn(len(other["items"]), TINY_CONFIG["hidden_size"])
     write_trainer_index(run, sentinel)
     loaded = load_for_inference(str(run), device="cpu")
     vectors, how = item_index_for(loaded, *prompts_and_ids(loaded, data_dir), use_cache=False)
