@@ -33,9 +33,12 @@ prepare-data: setup
 # The main job on the embedded default: MovieLens-100K (history window 5) and SmolLM2-135M on this CPU.
 # Extra flags for recipes/recpo.py go in ARGS, e.g. make train ARGS="--max_steps 10".
 TRAIN_DATA ?= data/ml-100k-w5
+# accelerate launch pins OMP_NUM_THREADS=1 unless told otherwise: give the one process every core.
+NPROC := $(shell nproc 2>/dev/null || echo 2)
 train: setup
 	test -d $(TRAIN_DATA) || $(PY) -m data_prep movielens --window-size 5 --out $(TRAIN_DATA)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $(NPROC) \
 		recipes/recpo.py --config $(CONFIG) $(ARGS)
 
 baselines: setup

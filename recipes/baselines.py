@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict, load_from_disk
 
+from recipes.evaluation import sample_indices
 from recipes.sasrec import SASRec, SASRecConfig, TrainConfig, fit, score_histories
 from rewards.ranking import history_mask, ranking_metrics, target_rank
 
@@ -41,6 +42,14 @@ class BaselineArgs:
     out: str | None = field(default=None, metadata={"help": "Write the metrics here as JSON."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout."})
     eval_batch_size: int = field(default=1024, metadata={"help": "Users scored against the catalog at once."})
+    max_users: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score a seeded random subset of this many samples per split (default: all); with the same "
+            "--seed it is the subset the trainer and `recipes.evaluate` score. SASRec still early-stops on all "
+            "of valid."
+        },
+    )
     threads: int = field(
         default=1,
         metadata={
@@ -114,7 +123,16 @@ def run_popularity(
     def score_fn(histories: list[list[int]]) -> torch.Tensor:
         return counts.expand(len(histories), -1)  # the same vector for every user
 
-    return {s: evaluate(score_fn, get_split(dsd, s), num_items, args.eval_batch_size) for s in splits}
+    return {
+        s: evaluate(score_fn, scored_split(dsd, s, args), num_items, args.eval_batch_size) for s in splits
+    }
+
+
+def scored_split(dsd: DatasetDict, name: str, args: BaselineArgs) -> Split:
+    """The split as scored for the report: all of it, or the seeded subset of --max-users."""
+    split = get_split(dsd, name)
+    keep = sample_indices(len(split.targets), args.max_users, args.seed)
+    return Split(histories=[split.histories[i] for i in keep], targets=[split.targets[i] for i in keep])
 
 
 def run_sasrec(
@@ -138,7 +156,9 @@ def run_sasrec(
 
     best, epoch = fit(model, train.histories, train.targets, train_cfg, validate, seed=args.seed)
     print(f"sasrec: best valid ndcg@10 {best:.4f} at epoch {epoch}", file=sys.stderr)
-    return {s: evaluate(score_fn, get_split(dsd, s), num_items, args.eval_batch_size) for s in splits}
+    return {
+        s: evaluate(score_fn, scored_split(dsd, s, args), num_items, args.eval_batch_size) for s in splits
+    }
 
 
 def format_table(results: dict[str, dict[str, float]], title: str) -> str:
@@ -155,7 +175,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] 
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         required = f.default is dataclasses.MISSING
         default = None if required else f.default
         parser.add_argument(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -31,7 +30,7 @@ import torch
 from datasets import Dataset
 
 from recipes.baselines import format_table, load_dataset_dir
-from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt
+from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt, sample_indices
 from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference
 from recipes.modeling import EMBEDDED_MODEL
 from recipes.vectors import MarkerCloser
@@ -141,10 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def select_rows(dataset: Dataset, max_users: int | None, seed: int) -> list[dict]:
     """All rows, or a seeded random subset in dataset order (the trainer draws its subsets the same way)."""
-    indices = list(range(len(dataset)))
-    if max_users is not None and max_users < len(indices):
-        indices = sorted(random.Random(seed).sample(indices, max_users))
-    return dataset.select(indices).to_list()
+    return dataset.select(sample_indices(len(dataset), max_users, seed)).to_list()
 
 
 def item_prompt_ids(tokenizer, items: Dataset) -> list[list[int]]:

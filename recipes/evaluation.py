@@ -8,6 +8,7 @@ rewards, evaluation and baselines).
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,18 @@ from recipes.vectors import (
     unwrap,
 )
 from rewards.ranking import history_mask, ranking_metrics, target_rank
+
+
+def sample_indices(count: int, limit: int | None, seed: int) -> list[int]:
+    """All of range(count), or a seeded random subset of `limit` in order: the evaluation users.
+
+    The trainer, `recipes.evaluate` and the baselines draw with this, so the same seed and limit
+    score the same users everywhere.
+    """
+    indices = list(range(count))
+    if limit is not None and limit < count:
+        indices = sorted(random.Random(seed).sample(indices, limit))
+    return indices
 
 
 def supports_system_role(tokenizer) -> bool:
@@ -265,6 +278,7 @@ __all__ = [
     "fold_system_turn",
     "render_item_prompt",
     "render_user_prompt",
+    "sample_indices",
     "stop_at_marker",
     "supports_system_role",
     "unwrap",

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Sequence
 
@@ -38,6 +37,7 @@ from recipes.evaluation import (
     rank_targets,
     render_item_prompt,
     render_user_prompt,
+    sample_indices,
     stop_at_marker,
 )
 from recipes.vectors import MarkerCloser, capture_final_hidden, last_token_hidden, left_pad
@@ -425,10 +425,7 @@ def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, in
 def _subset(dataset: Dataset | None, limit: int | None, seed: int) -> list[dict] | None:
     if dataset is None:
         return None
-    indices = list(range(len(dataset)))
-    if limit is not None and limit < len(indices):
-        indices = sorted(random.Random(seed).sample(indices, limit))
-    return [dataset[i] for i in indices]
+    return [dataset[i] for i in sample_indices(len(dataset), limit, seed)]
 
 
 def steps_per_epoch(num_samples: int, args: RecPOConfig, num_processes: int) -> int:
