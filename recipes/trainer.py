@@ -284,9 +284,17 @@ class RecPOTrainer(GRPOTrainer):
         item_vecs = self._item_vectors(model, columns.tolist())  # (T, d), with gradient
         item_vecs, offset = self._gather_negatives(item_vecs)
         target_cols = inverse + offset
+        # Another process may hold the same item: its copy must not count as a negative of this target.
+        item_ids = columns
+        if self.args.gather_negatives and self.accelerator.num_processes > 1:
+            gathered = [item for part in gather_object([columns.tolist()]) for item in part]
+            item_ids = torch.tensor(gathered, dtype=torch.long, device=columns.device)
         if advantages is None:
-            scores = cosine_scores(user_vecs, item_vecs, self.args.similarity_temperature)
-            return F.cross_entropy(scores, target_cols)
+            scores = cosine_scores(user_vecs, item_vecs, self.args.similarity_temperature)  # (R, B)
+            rows = torch.arange(scores.size(0), device=scores.device)
+            copies = item_ids.unsqueeze(0) == item_ids[target_cols].unsqueeze(1)
+            copies[rows, target_cols] = False
+            return F.cross_entropy(scores.masked_fill(copies, float("-inf")), target_cols)
         return item_surrogate_loss(
             user_vecs,
             item_vecs,
@@ -296,6 +304,7 @@ class RecPOTrainer(GRPOTrainer):
             tau=self.args.similarity_temperature,
             eps_low=self.args.epsilon,
             eps_high=self.args.epsilon_high if self.args.epsilon_high is not None else self.args.epsilon,
+            item_ids=item_ids,
         )
 
     def _gather_negatives(self, item_vecs: torch.Tensor) -> tuple[torch.Tensor, int]:
