@@ -23,6 +23,7 @@ from recipes.vectors import (
     encode_sequences,
     encode_shared_prefix,
     greedy_reason_and_encode,
+    inference,
     left_pad,
     unwrap,
 )
@@ -145,9 +146,7 @@ def greedy_reasoning(
     found: list[bool] = [False for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    was_training = generator.training
-    generator.eval()
-    try:
+    with inference(generator):
         for chunk in tqdm(chunks, desc=progress, disable=progress is None, unit="batch", leave=False):
             ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
             out = generator.generate(
@@ -158,8 +157,6 @@ def greedy_reasoning(
                 if eos in generated:
                     generated = generated[: generated.index(eos) + 1]
                 completions[index], found[index] = closer.close(generated)
-    finally:
-        generator.train(was_training)
     return completions, found
 
 
@@ -207,28 +204,23 @@ def build_item_index(
     accelerator=None,
 ) -> torch.Tensor:
     """Vectors of every catalog item, (items, d); shared across processes when an accelerator is given."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if accelerator is None or accelerator.num_processes == 1:
-                return encode_shared_prefix(model, item_prompts, pad_id, batch_size, progress).float()
-            world, rank = accelerator.num_processes, accelerator.process_index
-            mine = list(range(rank, len(item_prompts), world))
-            per_rank = -(-len(item_prompts) // world)
-            local = encode_sequences(
-                model, [item_prompts[i] for i in mine], pad_id, batch_size, progress
-            ).float()
-            padded = local.new_zeros((per_rank, local.size(1)))
-            padded[: local.size(0)] = local
-            gathered = accelerator.gather(padded).view(world, per_rank, -1)  # (world, per_rank, d)
-            index = local.new_empty((len(item_prompts), local.size(1)))
-            for r in range(world):
-                rows = list(range(r, len(item_prompts), world))
-                index[rows] = gathered[r, : len(rows)]
-            return index
-    finally:
-        model.train(was_training)
+    with inference(model):
+        if accelerator is None or accelerator.num_processes == 1:
+            return encode_shared_prefix(model, item_prompts, pad_id, batch_size, progress).float()
+        world, rank = accelerator.num_processes, accelerator.process_index
+        mine = list(range(rank, len(item_prompts), world))
+        per_rank = -(-len(item_prompts) // world)
+        local = encode_shared_prefix(
+            model, [item_prompts[i] for i in mine], pad_id, batch_size, progress
+        ).float()
+        padded = local.new_zeros((per_rank, local.size(1)))
+        padded[: local.size(0)] = local
+        gathered = accelerator.gather(padded).view(world, per_rank, -1)  # (world, per_rank, d)
+        index = local.new_empty((len(item_prompts), local.size(1)))
+        for r in range(world):
+            rows = list(range(r, len(item_prompts), world))
+            index[rows] = gathered[r, : len(rows)]
+        return index
 
 
 def evaluate_users(
@@ -247,19 +239,14 @@ def evaluate_users(
 ) -> RankingResult:
     """Rank the full catalog for each sample row (`prompt`, `history`, `target`)."""
     prompts = [render_user_prompt(tokenizer, row["prompt"], reasoning, closer.marker) for row in rows]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if reasoning:
-                user_vecs, completions, found = greedy_reason_and_encode(
-                    model, tokenizer, prompts, closer, max_new_tokens, batch_size, progress
-                )
-            else:
-                user_vecs = encode_sequences(model, prompts, tokenizer.pad_token_id, batch_size, progress)
-                completions, found = [[] for _ in prompts], [True for _ in prompts]
-    finally:
-        model.train(was_training)
+    with inference(model):
+        if reasoning:
+            user_vecs, completions, found = greedy_reason_and_encode(
+                model, tokenizer, prompts, closer, max_new_tokens, batch_size, progress
+            )
+        else:
+            user_vecs = encode_sequences(model, prompts, tokenizer.pad_token_id, batch_size, progress)
+            completions, found = [[] for _ in prompts], [True for _ in prompts]
     scores = cosine_scores(user_vecs, item_index, tau)  # (users, items)
     ranks, top_items, top_scores = rank_targets(
         scores, [row["target"] for row in rows], [row["history"] for row in rows], top_k

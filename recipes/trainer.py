@@ -40,7 +40,7 @@ from recipes.evaluation import (
     sample_indices,
     stop_at_marker,
 )
-from recipes.vectors import MarkerCloser, capture_final_hidden, last_token_hidden, left_pad
+from recipes.vectors import MarkerCloser, capture_final_hidden, inference, last_token_hidden, left_pad
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
 from rewards.ranking import ranking_metrics
@@ -121,11 +121,8 @@ class RecPOTrainer(GRPOTrainer):
 
     def _refresh_rows(self, items: list[int]) -> None:
         """Give the batch's target items fresh vectors from the current policy, on every process alike."""
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
+        with inference(self.model):
             vectors = self._item_vectors(self.model, items).float()
-        self.model.train(was_training)
         if self.accelerator.num_processes > 1:
             vectors, _ = gather_with_grad(vectors, self.accelerator)
             items = [item for part in gather_object([items]) for item in part]
@@ -175,12 +172,9 @@ class RecPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ rewards
     def _user_vectors_no_grad(self) -> torch.Tensor:
         sequences = [p + c for p, c in zip(self._last_prompt_ids, self._last_completion_ids, strict=True)]
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
+        with inference(self.model):
             ids, mask = left_pad(sequences, self.processing_class.pad_token_id, self.accelerator.device)
             vectors = last_token_hidden(self.model, ids, mask)
-        self.model.train(was_training)
         return vectors.float()  # (n, d)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

@@ -52,6 +52,18 @@ def final_norm(model: nn.Module) -> nn.Module:
     )
 
 
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """No gradient and no dropout for the block; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 class HiddenCapture:
     """Holds the final norm's outputs of the forward passes run inside `capture_final_hidden`."""
 
