@@ -25,11 +25,16 @@ SHAPES = {
     # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936),
     "qwen2.5-3b": (2048, 36, 16, 2, 11008, 151936),
+    "tiny": (64, 2, 4, 2, 128, 151936),  # a smoke test of this script on a CPU
 }
 
 
-def random_model(shape: str) -> str:
-    """Save a randomly initialised model of a real shape, with the embedded tokenizer, once."""
+def random_model(shape: str, tokenizer: str | None = None) -> str:
+    """Save a randomly initialised model of a real shape, with a tokenizer (default: the embedded one), once.
+
+    A saved tokenizer folder (`--tokenizer`) lets this run where the embedded GGUF cannot be read, e.g. a GPU
+    machine without the `gguf` package; any tokenizer whose ids fit the shape's vocabulary times the same.
+    """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -51,7 +56,7 @@ def random_model(shape: str) -> str:
     )
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
-    load_tokenizer(EMBEDDED_MODEL).save_pretrained(folder)
+    load_tokenizer(tokenizer or EMBEDDED_MODEL).save_pretrained(folder)
     return str(folder)
 
 
@@ -78,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generations", type=int, default=2, help="rollouts per user (default: 2)")
     parser.add_argument("--new-tokens", type=int, default=32, help="max new tokens per rollout (default: 32)")
     parser.add_argument("--cache-implementation", default=None, help="e.g. static (GPU)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder for the random shapes (default: the embedded one)"
+    )
     args = parser.parse_args(argv)
 
-    model = "embedded/SmolLM2-135M-Instruct" if args.shape == "embedded" else random_model(args.shape)
-    output = OUT / f"run-{args.shape}"
+    model = (
+        "embedded/SmolLM2-135M-Instruct"
+        if args.shape == "embedded"
+        else random_model(args.shape, args.tokenizer)
+    )
+    output = OUT / f"run-{args.shape}-{args.cache_implementation or 'dynamic'}"
     command = [
         sys.executable, "recipes/recpo.py",
         "--model_name_or_path", model, "--data_dir", ensure_data(), "--output_dir", str(output),
@@ -117,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return entry["step_time"], generation, scoring, entry["step_time"] - generation - scoring
 
     print(
-        f"model={args.shape} bf16={args.bf16} users/step={args.users} G={args.generations} new_tokens={args.new_tokens}"
+        f"model={args.shape} bf16={args.bf16} users/step={args.users} G={args.generations} "
+        f"new_tokens={args.new_tokens} cache={args.cache_implementation or 'dynamic'}"
     )
     first = split(steps[0])
     print(f"step 1 (builds the item index): total {first[0]:.2f}s  scoring {first[2]:.2f}s")
@@ -126,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"steady step (mean of {len(rest)}): total {total:.2f}s")
     for name, value in (("generation", generation), ("scoring", scoring), ("update", update)):
         print(f"  {name:<11}{value:7.2f}s  {100 * value / total:5.1f}%")
+    lengths = [e["completions/mean_length"] for e in steps[1:] or steps if "completions/mean_length" in e]
+    if lengths and generation > 0:
+        tokens = args.users * args.generations * statistics.mean(lengths)
+        print(f"  rollouts: {tokens:.0f} new tokens per step, {tokens / generation:,.0f} tokens/s in generation")
     print(f"wall time of the whole run (load, index, steps): {wall:.1f}s")
     return 0
 
