@@ -250,9 +250,9 @@ class RecPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         if not self.args.reasoning:
-            user_vecs = last_token_hidden(model, inputs["prompt_ids"], inputs["prompt_mask"])
-            keep = inputs["relabel_mask"]
-            item_loss = self._item_loss(model, user_vecs[keep], inputs["target_index"][keep], None, None)
+            keep = inputs["relabel_mask"]  # one copy of each prompt: the G copies are identical
+            user_vecs = last_token_hidden(model, inputs["prompt_ids"][keep], inputs["prompt_mask"][keep])
+            item_loss = self._item_loss(model, user_vecs, inputs["target_index"][keep], None, None)
             self._metrics[mode]["item_loss"].append(self.accelerator.gather(item_loss.detach()).mean().item())
             return self.args.item_loss_weight * item_loss / self._accumulation(mode)
         with capture_final_hidden(model) as capture:
