@@ -133,6 +133,24 @@ class RecPOConfig(GRPOConfig):
             "help": "New-token limit of greedy reasoning at evaluation (default: max_completion_length)."
         },
     )
+    merge_adapters_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "Merge the LoRA adapter into the base weights while rollouts are generated with transformers "
+            "and unmerge it afterwards (also on error): one matmul per layer instead of three. Measured on an H200 "
+            "(Qwen2.5-0.5B shape, LoRA r16 on all linear layers, 64 prompts x 256 tokens -> 128 new, float32): "
+            "2,583 new tokens/s merged against 1,604-1,685 unmerged, for 31 ms of merge and unmerge per call; in "
+            "bfloat16 an unmerged LoRA costs more still (2,614 tokens/s without LoRA against 1,406 float32 + "
+            "LoRA; 12,084 against 5,124 with a static cache and compile), and generation is 82 percent of a step. "
+            "Skipped, and logged once, where it would change the samples or the weights: base weights not float32 "
+            "(merge then unmerge in bf16/fp16 leaves rounding error in the frozen weights, every step), quantised "
+            "base layers, parameters sharded by ZeRO-3/FSDP, base weights tied to another layer, an adapter "
+            "already merged, and active LoRA dropout (TRL samples rollouts in train mode, where an unmerged "
+            "adapter applies dropout: set `disable_dropout: true` or `lora_dropout: 0` to merge). Unused with "
+            "vLLM, which syncs the weights itself, and with transformers' continuous batching, which casts them "
+            "to the training precision."
+        },
+    )
     evals_per_epoch: float | None = field(
         default=None,
         metadata={

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,7 @@ from recipes.evaluation import (
     render_user_prompt,
     sample_indices,
     stop_at_marker,
+    unwrap_for_generate,
 )
 from recipes.vectors import MarkerCloser, capture_final_hidden, inference, last_token_hidden, left_pad
 from rewards import get_reward_funcs
@@ -142,10 +144,19 @@ class RecPOTrainer(GRPOTrainer):
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
         started = time.perf_counter()
-        with stop_at_marker(self.model_wrapped, self.processing_class, self.args.answer_marker):
-            completion_ids, logprobs = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+        peft_model = self._peft_model_to_merge()
+        try:  # merge inside the try: a merge that fails half-way still unmerges the layers it merged
+            if peft_model is not None:
+                with torch.no_grad():  # peft computes B @ A from trainable weights: no graph for that
+                    peft_model.merge_adapter()
+            with stop_at_marker(self.model_wrapped, self.processing_class, self.args.answer_marker):
+                completion_ids, logprobs = super()._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                )
+        finally:  # the loss and the user vectors must see the unmerged model, whatever happened above
+            if peft_model is not None:
+                with torch.no_grad():
+                    peft_model.unmerge_adapter()
         closed, found = [], []
         for i, ids in enumerate(completion_ids):
             new_ids, wrote_marker = self.closer.close(ids)
@@ -163,6 +174,66 @@ class RecPOTrainer(GRPOTrainer):
         self._metrics[mode]["completions/marker_written_ratio"].append(found_all.mean().item())
         self._metrics[mode]["timing/generation_s"].append(time.perf_counter() - started)
         return closed, logprobs
+
+    def _peft_model_to_merge(self) -> torch.nn.Module | None:
+        """The peft model whose LoRA adapter to merge for this generation call, or None (then logged once, why).
+
+        Merging must change nothing but speed: neither the samples nor, after the unmerge, the frozen weights.
+        """
+        if not self.args.merge_adapters_for_generation or self.use_vllm:
+            return None  # vLLM generates from its own copy of the weights and syncs (merges) them itself
+        model = unwrap_for_generate(self.model_wrapped)
+        if not hasattr(model, "peft_config") or not hasattr(model, "merge_adapter"):
+            return None
+        from peft.tuners.lora import LoraLayer
+
+        layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+        if not layers:
+            return None
+        if self.use_transformers_continuous_batching:
+            reason = "TRL's continuous batching casts the weights to bf16/fp16 in the call: the unmerge would round"
+        elif self._dist.is_zero3 or self._dist.is_fsdp:
+            reason = "ZeRO-3/FSDP shard the parameters: a process holds only a slice of each base weight"
+        else:
+            reason = self._lora_merge_blocker(model, layers)
+        if reason is None:
+            return model
+        logged = self.__dict__.setdefault("_merge_skips_logged", set())
+        if reason not in logged:
+            logged.add(reason)
+            logger.info("Rollouts are generated with the LoRA adapter unmerged (slower): %s.", reason)
+        return None
+
+    @staticmethod
+    def _lora_merge_blocker(model: torch.nn.Module, layers: list) -> str | None:
+        """Why merging the LoRA `layers` of `model` would change the samples or the weights; None if it would not."""
+        if any(layer.merged for layer in layers):
+            return "the adapter is already merged; unmerging it after generation would undo a merge made on purpose"
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        for layer in layers:
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+                # bitsandbytes' Params4bit/Int8Params, torchao and DTensor weights are tensor subclasses
+                return "the base layers are quantised or wrapped: merging would requantise them at every step"
+            if weight.device.type == "meta":
+                return "the base weights are offloaded"
+            if weight.dtype != torch.float32:
+                return (
+                    f"the base weights are {weight.dtype}, where merge then unmerge leaves rounding error in the frozen "
+                    "weights, growing every step (float32: about 1e-7 relative after 1,000 steps)"
+                )
+            if uses[id(weight)] > 1:
+                return "a LoRA base weight is tied to another layer (the embeddings?): the merge would change both"
+            # TRL generates in the model's current mode, train mode during training: there an unmerged adapter applies
+            # dropout to its input, which a merged one cannot, so merging would change which rollouts are sampled.
+            for name in set(layer.active_adapters) & set(layer.lora_dropout.keys()):
+                dropout = layer.lora_dropout[name]
+                if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+                    return (
+                        "LoRA dropout is active (TRL samples rollouts in train mode); set `disable_dropout: true` or "
+                        "`lora_dropout: 0` to generate them with merged weights"
+                    )
+        return None
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
