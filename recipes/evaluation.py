@@ -167,6 +167,15 @@ def cosine_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, tau: float) 
     return users @ items.T / tau
 
 
+def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
+    """Mean cosine over all pairs of distinct rows, in O(n d): |sum of unit rows|^2 = n + sum over pairs."""
+    n = vectors.size(0)
+    if n < 2:
+        return float("nan")
+    total = F.normalize(vectors.float(), dim=-1).sum(dim=0)
+    return ((total @ total - n) / (n * (n - 1))).item()
+
+
 @dataclass
 class RankingResult:
     ranks: torch.Tensor  # (users,) 1-based rank of the target

@@ -32,13 +32,18 @@ def write_results(output_dir: str, after: dict[str, float], before: dict[str, fl
 def format_table(after: dict[str, float], before: dict[str, float] | None = None) -> str:
     after_n, before_n = split_metrics(after), split_metrics(before or {})
     metrics = ["hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20"]
-    lines = [f"{'split':<8}{'':<8}" + "".join(f"{m:>10}" for m in metrics)]
+    lines = [f"{'split':<8}{'':<8}" + "".join(f"{m:>10}" for m in metrics) + f"{'mean rank':>11}"]
+
+    def row(split: str, label: str, nested: dict, flat: dict) -> str:
+        rank = flat.get(f"{split}/mean_rank")
+        return (
+            f"{split:<8}{label:<8}"
+            + "".join(f"{nested[split].get(m, 0):>10.4f}" for m in metrics)
+            + (f"{rank:>11.1f}" if rank is not None else f"{'':>11}")
+        )
+
     for split in after_n:
         if split in before_n:
-            lines.append(
-                f"{split:<8}{'before':<8}" + "".join(f"{before_n[split].get(m, 0):>10.4f}" for m in metrics)
-            )
-        lines.append(
-            f"{split:<8}{'after':<8}" + "".join(f"{after_n[split].get(m, 0):>10.4f}" for m in metrics)
-        )
+            lines.append(row(split, "before", before_n, before or {}))
+        lines.append(row(split, "after", after_n, after))
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from recipes.evaluation import (
     build_item_index,
     cosine_scores,
     evaluate_users,
+    mean_pairwise_cosine,
     rank_targets,
     render_item_prompt,
     render_user_prompt,
@@ -397,7 +398,9 @@ class RecPOTrainer(GRPOTrainer):
     def ranking_evaluation(self, splits: dict[str, list[dict] | None]) -> dict[str, float]:
         """Full-catalog ranking on each split (rows split across processes), with a fresh item index."""
         self.refresh_item_index()
-        metrics: dict[str, float] = {}
+        # How crowded the catalog is: a small LM's hidden states share one large direction (the untrained
+        # SmolLM2's items have a mean pairwise cosine of ~0.99), which training must spread to rank well.
+        metrics: dict[str, float] = {"index/mean_cosine": mean_pairwise_cosine(self.item_index)}
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         for name, rows in splits.items():
             if not rows:
@@ -418,6 +421,7 @@ class RecPOTrainer(GRPOTrainer):
             ranks = torch.tensor([r for part in gather_object([result.ranks.tolist()]) for r in part])
             for key, value in ranking_metrics(ranks).items():
                 metrics[f"{name}/{key}"] = value
+            metrics[f"{name}/mean_rank"] = ranks.float().mean().item()  # moves before Hit@K does
             metrics[f"{name}/marker_written_ratio"] = float(
                 sum(gather_object([sum(result.marker_found)])) / max(len(rows), 1)
             )

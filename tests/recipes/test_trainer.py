@@ -175,6 +175,25 @@ def test_two_step_run_writes_results_and_logs_reward_metrics(tiny_model_dir, syn
             assert math.isfinite(entry[key]), key
         assert 0.0 <= entry["rewards/ndcg/mean"] <= 1.0
     assert [e["step"] for e in history if "valid/ndcg@10" in e] == [1, 2]
+    # The evaluation's mean rank is the mean of the ranks its traces hold; the catalog's crowding is a cosine.
+    last_eval = [e for e in history if "valid/ndcg@10" in e][-1]
+    traced = [
+        json.loads(line)["rank"]
+        for line in (out / "traces" / "valid_step000002.jsonl").read_text().splitlines()
+    ]
+    assert last_eval["valid/mean_rank"] == pytest.approx(sum(traced) / len(traced))
+    assert -1.0 <= last_eval["index/mean_cosine"] <= 1.0
+
+
+def test_mean_pairwise_cosine_matches_the_mean_over_pairs():
+    from recipes.evaluation import mean_pairwise_cosine
+
+    vectors = torch.randn(37, 16, generator=torch.Generator().manual_seed(0)) + 0.5
+    unit = torch.nn.functional.normalize(vectors, dim=-1)
+    pairs = unit @ unit.T
+    expected = pairs[~torch.eye(37, dtype=torch.bool)].mean().item()
+    assert mean_pairwise_cosine(vectors) == pytest.approx(expected, abs=1e-6)
+    assert mean_pairwise_cosine(vectors[:1, :]) != mean_pairwise_cosine(vectors[:1, :])  # nan: no pair
 
 
 def test_no_reasoning_mode_trains_and_evaluates(tiny_model_dir, synthetic_data, tmp_path):
