@@ -121,6 +121,17 @@ class RecPOConfig(GRPOConfig):
             "target rows are refreshed at every step regardless."
         },
     )
+    score_with_fresh_targets: bool = field(
+        default=False,
+        metadata={
+            "help": "Refresh the batch's target rows before the rollouts are scored (True) or right after (False, "
+            "default). Before lets the policy earn reward from the refresh itself: the target is then the one "
+            "fresh row among stale ones, and a rollout whose user vector moves wherever the policy's fresh vectors "
+            "go outranks its siblings. On the CPU default (lr 5e-4 and 1e-3) that taught SmolLM2 to write the "
+            "marker at once: rollouts' mean target rank fell to 5 while the evaluation's got worse. Either way "
+            "the rows are refreshed every step; at the paper's lr 1e-5 the vectors drift little and the two agree."
+        },
+    )
     item_batch_size: int = field(
         default=32, metadata={"help": "Items per forward pass when (re)building the catalog index."}
     )

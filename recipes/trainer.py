@@ -253,9 +253,12 @@ class RecPOTrainer(GRPOTrainer):
         started = time.perf_counter()
         index = self._ensure_index()
         targets = [int(x["target"]) for x in inputs]
-        self._refresh_rows(sorted(set(targets)))
+        if self.args.score_with_fresh_targets:
+            self._refresh_rows(sorted(set(targets)))
         user_vecs = self._user_vectors_no_grad()
-        scores = cosine_scores(user_vecs, index, self.args.similarity_temperature)  # (n, items)
+        scores = cosine_scores(user_vecs, index, self.args.similarity_temperature)  # (n, items), a new tensor
+        if not self.args.score_with_fresh_targets:  # see the option's help: scored first, refreshed after
+            self._refresh_rows(sorted(set(targets)))
         ranks, top_items, _ = rank_targets(scores, targets, [x["history"] for x in inputs], top_k=5)
         # The scores reach the reward functions as a column (rewards/__init__.py documents the contract);
         # copies keep them out of the dataset rows, which a group's rollouts may share.

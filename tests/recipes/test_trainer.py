@@ -133,6 +133,67 @@ def test_advantages_are_recpo_group_advantages_of_the_fused_reward(tokenizer, sy
     assert output["target_index"].tolist() == columns["target"]
 
 
+@pytest.mark.parametrize("fresh_targets", [False, True])
+def test_rollouts_are_scored_before_or_after_the_target_rows_are_refreshed(
+    tokenizer, synthetic_data, tmp_path, fresh_targets
+):
+    trainer = build_trainer(
+        tokenizer,
+        synthetic_data,
+        tmp_path / "out",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        temperature=4.0,
+        score_with_fresh_targets=fresh_targets,
+    )
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        current = build_item_index(model, trainer.item_prompt_ids, tokenizer.pad_token_id, progress=None)
+    # An index from an older policy: every row off its current vector.
+    noise = torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
+    stale = current + 0.5 * current.std() * noise
+    trainer.item_index, trainer.index_step = stale.clone(), 0
+    model.train()
+    rows = [trainer.train_dataset[i] for i in (0, 1)]
+    inputs = [dict(row) for row in rows for _ in range(4)]
+    output = trainer._generate_and_score_completions(inputs)
+
+    targets = sorted({row["target"] for row in rows})
+    torch.testing.assert_close(
+        trainer.item_index[targets], current[targets], atol=1e-4, rtol=1e-3
+    )  # refreshed
+    with_fresh_targets = stale.clone()
+    with_fresh_targets[targets] = current[targets]
+    sequences = [
+        p[m.bool()].tolist() + c[cm.bool()].tolist()
+        for p, m, c, cm in zip(
+            output["prompt_ids"],
+            output["prompt_mask"],
+            output["completion_ids"],
+            output["completion_mask"],
+            strict=True,
+        )
+    ]
+    model.eval()
+    with torch.no_grad():
+        users = encode_sequences(model, sequences, tokenizer.pad_token_id)
+    model.train()
+    columns = {"target": [row["target"] for row in inputs], "history": [row["history"] for row in inputs]}
+
+    def ndcg_against(index):
+        scores = cosine_scores(users, index, trainer.args.similarity_temperature)
+        return torch.tensor(ndcg(scores=scores, ndcg_cutoff=1000, **columns))
+
+    scored, other = (with_fresh_targets, stale) if fresh_targets else (stale, with_fresh_targets)
+    torch.testing.assert_close(
+        trainer._last_rewards_per_func[:, 0], ndcg_against(scored), atol=1e-5, rtol=1e-3
+    )
+    assert not torch.allclose(
+        ndcg_against(other), ndcg_against(scored)
+    )  # the order is visible in the rewards
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 
