@@ -81,6 +81,8 @@ class RecPOTrainer(GRPOTrainer):
             peft_config=peft_config,
             callbacks=callbacks,
         )
+        if not args.reasoning:
+            self.log_completions = False  # no rollouts to show: TRL would print an empty table every log
         tokenizer = self.processing_class
         self.closer = MarkerCloser(tokenizer, args.answer_marker)
         self.items = items
