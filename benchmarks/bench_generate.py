@@ -22,7 +22,7 @@ import gc
 import time
 from dataclasses import dataclass
 
-from benchmarks.bench_step import SHAPES
+from benchmarks.bench_step import SHAPES, qwen2_config
 
 
 @dataclass(frozen=True)
@@ -60,22 +60,11 @@ def random_model(shape: str, variant: Variant, device):
     Built on the device directly: a 3B model initialised on the CPU takes longer than all the timings.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
-    config = Qwen2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        tie_word_embeddings=shape == "qwen2.5-0.5b",
-        max_position_embeddings=32768,
-    )
     torch.manual_seed(SEED)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(qwen2_config(shape))
     if variant.bf16:
         model = model.to(torch.bfloat16)
     if variant.lora:

@@ -29,22 +29,12 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, tokenizer: str | None = None) -> str:
-    """Save a randomly initialised model of a real shape, with a tokenizer (default: the embedded one), once.
+def qwen2_config(shape: str):
+    """A transformers Qwen2Config of one of SHAPES."""
+    from transformers import Qwen2Config
 
-    A saved tokenizer folder (`--tokenizer`) lets this run where the embedded GGUF cannot be read, e.g. a GPU
-    machine without the `gguf` package; any tokenizer whose ids fit the shape's vocabulary times the same.
-    """
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from recipes.modeling import EMBEDDED_MODEL, load_tokenizer
-
-    folder = OUT / f"random-{shape}"
-    if (folder / "config.json").exists():
-        return str(folder)
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
-    config = Qwen2Config(
+    return Qwen2Config(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -54,7 +44,23 @@ def random_model(shape: str, tokenizer: str | None = None) -> str:
         tie_word_embeddings=shape == "qwen2.5-0.5b",
         max_position_embeddings=32768,
     )
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+
+
+def random_model(shape: str, tokenizer: str | None = None) -> str:
+    """Save a randomly initialised model of a real shape, with a tokenizer (default: the embedded one), once.
+
+    A saved tokenizer folder (`--tokenizer`) lets this run where the embedded GGUF cannot be read, e.g. a GPU
+    machine without the `gguf` package; any tokenizer whose ids fit the shape's vocabulary times the same.
+    """
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from recipes.modeling import EMBEDDED_MODEL, load_tokenizer
+
+    folder = OUT / f"random-{shape}"
+    if (folder / "config.json").exists():
+        return str(folder)
+    model = Qwen2ForCausalLM(qwen2_config(shape)).to(torch.bfloat16)
     model.save_pretrained(folder)
     load_tokenizer(tokenizer or EMBEDDED_MODEL).save_pretrained(folder)
     return str(folder)
@@ -142,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [e["completions/mean_length"] for e in steps[1:] or steps if "completions/mean_length" in e]
     if lengths and generation > 0:
         tokens = args.users * args.generations * statistics.mean(lengths)
-        print(f"  rollouts: {tokens:.0f} new tokens per step, {tokens / generation:,.0f} tokens/s in generation")
+        print(
+            f"  rollouts: {tokens:.0f} new tokens per step, {tokens / generation:,.0f} tokens/s in generation"
+        )
     print(f"wall time of the whole run (load, index, steps): {wall:.1f}s")
     return 0
 

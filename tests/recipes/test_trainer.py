@@ -75,6 +75,18 @@ def test_rollout_that_writes_the_marker_is_cut_right_after_it(tokenizer, synthet
 # ----------------------------------------------------------------------------- rewards and advantages
 
 
+def rollout_sequences(output: dict) -> list[list[int]]:
+    """Prompt + completion token ids of each rollout, padding dropped."""
+    rows = zip(
+        output["prompt_ids"],
+        output["prompt_mask"],
+        output["completion_ids"],
+        output["completion_mask"],
+        strict=True,
+    )
+    return [p[m.bool()].tolist() + c[cm.bool()].tolist() for p, m, c, cm in rows]
+
+
 def test_advantages_are_recpo_group_advantages_of_the_fused_reward(tokenizer, synthetic_data, tmp_path):
     trainer = build_trainer(
         tokenizer,
@@ -93,16 +105,7 @@ def test_advantages_are_recpo_group_advantages_of_the_fused_reward(tokenizer, sy
 
     # Independently: user vectors of prompt + completion, a freshly built index, the rewards of rewards/.
     model = trainer.model
-    sequences = [
-        p[m.bool()].tolist() + c[cm.bool()].tolist()
-        for p, m, c, cm in zip(
-            output["prompt_ids"],
-            output["prompt_mask"],
-            output["completion_ids"],
-            output["completion_mask"],
-            strict=True,
-        )
-    ]
+    sequences = rollout_sequences(output)
     assert all(tokenizer.decode(s).endswith(MARKER) for s in sequences)
     model.eval()
     with torch.no_grad():
@@ -165,16 +168,7 @@ def test_rollouts_are_scored_before_or_after_the_target_rows_are_refreshed(
     )  # refreshed
     with_fresh_targets = stale.clone()
     with_fresh_targets[targets] = current[targets]
-    sequences = [
-        p[m.bool()].tolist() + c[cm.bool()].tolist()
-        for p, m, c, cm in zip(
-            output["prompt_ids"],
-            output["prompt_mask"],
-            output["completion_ids"],
-            output["completion_mask"],
-            strict=True,
-        )
-    ]
+    sequences = rollout_sequences(output)
     model.eval()
     with torch.no_grad():
         users = encode_sequences(model, sequences, tokenizer.pad_token_id)
