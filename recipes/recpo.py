@@ -140,6 +140,10 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         trainer.log_metrics_only({f"before/{k}": v for k, v in before.items()})
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if (
+        before
+    ):  # train() starts a new state: put the untrained model's figures back, as step 0, for the report
+        trainer.state.log_history.insert(0, {**{f"before/{k}": v for k, v in before.items()}, "step": 0})
 
     after = trainer.ranking_evaluation(splits)
     trainer.log_metrics_only({f"final/{k}": v for k, v in after.items()})

@@ -207,10 +207,13 @@ def render_markdown(runs: Sequence[Run], main: str) -> str:
 
 
 def curve(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of a logged key; HF's `eval_` prefix is accepted too."""
+    """(steps, values) of a logged key; HF's `eval_` prefix is accepted too, and the trainer's evaluations
+    before and after training (`before/<key>`, `final/<key>`), so a run that evaluates only then has a curve."""
     steps, values = [], []
     for entry in history:
-        value = entry.get(key, entry.get(f"eval_{key}"))
+        value = next(
+            (entry[k] for k in (key, f"eval_{key}", f"before/{key}", f"final/{key}") if k in entry), None
+        )
         if isinstance(value, int | float) and not isinstance(value, bool) and "step" in entry:
             steps.append(float(entry["step"]))
             values.append(float(value))

@@ -90,6 +90,15 @@ def test_curve_reads_logged_steps_and_skips_entries_without_the_key():
     assert report.curve(history, "valid/hit@5") == ([3.0], [0.2])
 
 
+def test_curve_reads_the_evaluations_before_and_after_training():
+    history = [
+        {"step": 0, "before/valid/hit@5": 0.0},
+        {"step": 4, "reward": 0.1},
+        {"step": 9, "final/valid/hit@5": 0.04, "final/test/hit@5": 0.02},
+    ]
+    assert report.curve(history, "valid/hit@5") == ([0.0, 9.0], [0.0, 0.04])
+
+
 def test_missing_path_is_an_error_naming_it(tmp_path):
     with pytest.raises(SystemExit, match="nope.json does not exist"):
         report.main(["--run", f"x={tmp_path / 'nope.json'}", "--out", str(tmp_path / "r")])

@@ -222,6 +222,8 @@ def test_two_step_run_writes_results_and_logs_reward_metrics(tiny_model_dir, syn
     assert returned == results
     assert set(json.loads((out / "results_before.json").read_text())) == {"valid", "test"}
     assert (out / "adapter_model.safetensors").is_file() and (out / "item_index.pt").is_file()
+    final_history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert final_history[0]["step"] == 0 and "before/valid/ndcg@10" in final_history[0]  # survived train()
     history = log_history(out / "checkpoint-2")
     train_logs = [e for e in history if "loss" in e]
     assert [e["step"] for e in train_logs] == [1, 2]
