@@ -47,7 +47,7 @@ from recipes.vectors import MarkerCloser, capture_final_hidden, inference, last_
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
 from rewards.ranking import ranking_metrics
-from rewards.surrogate import item_surrogate_loss
+from rewards.surrogate import duplicate_columns, item_surrogate_loss
 
 logger = logging.getLogger(__name__)
 
@@ -355,17 +355,15 @@ class RecPOTrainer(GRPOTrainer):
         item_vecs = self._item_vectors(model, columns.tolist())  # (T, d), with gradient
         item_vecs, offset = self._gather_negatives(item_vecs)
         target_cols = inverse + offset
-        # Another process may hold the same item: its copy must not count as a negative of this target.
+        # Another process may hold the same item: every item counts once, as in one process (duplicate_columns).
         item_ids = columns
         if self.args.gather_negatives and self.accelerator.num_processes > 1:
             gathered = [item for part in gather_object([columns.tolist()]) for item in part]
             item_ids = torch.tensor(gathered, dtype=torch.long, device=columns.device)
         if advantages is None:
             scores = cosine_scores(user_vecs, item_vecs, self.args.similarity_temperature)  # (R, B)
-            rows = torch.arange(scores.size(0), device=scores.device)
-            copies = item_ids.unsqueeze(0) == item_ids[target_cols].unsqueeze(1)
-            copies[rows, target_cols] = False
-            return F.cross_entropy(scores.masked_fill(copies, float("-inf")), target_cols)
+            dropped = duplicate_columns(item_ids, target_cols)
+            return F.cross_entropy(scores.masked_fill(dropped, float("-inf")), target_cols)
         return item_surrogate_loss(
             user_vecs,
             item_vecs,

@@ -20,6 +20,21 @@ def clipped_surrogate(
     return -torch.minimum(ratio * advantages, clipped * advantages)
 
 
+def duplicate_columns(item_ids: torch.Tensor, target_cols: torch.Tensor) -> torch.Tensor:
+    """`(R, B)` bool: the columns each rollout's softmax must drop so that every item counts once.
+
+    item_ids `(B,)` names the item in each column (gathered from several processes, an item can fill
+    more than one); target_cols `(R,)` is each rollout's own column. A rollout keeps its own column and
+    drops the other copies of its target; of any other item it keeps the first copy only.
+    """
+    same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)  # (B, B)
+    repeated = torch.tril(same, diagonal=-1).any(dim=1)  # (B,): an earlier column holds the same item
+    drop = repeated.unsqueeze(0).expand(target_cols.size(0), -1).clone()  # (R, B)
+    drop |= same[target_cols]  # every copy of the rollout's own target ...
+    drop.scatter_(1, target_cols.unsqueeze(1), False)  # ... but its own column
+    return drop
+
+
 def item_surrogate_loss(
     user_vecs: torch.Tensor,
     item_vecs: torch.Tensor,
@@ -40,8 +55,8 @@ def item_surrogate_loss(
 
     Duplicate items: when the same item fills several columns (two users of a batch share a target, or
     a gathered negative repeats one), every copy stays in the softmax, so the copies that are not the
-    rollout's own column act as negatives equal to the target. Pass `item_ids` `(B,)` to drop, for each
-    rollout, the other columns holding its target's item id instead.
+    rollout's own column act as negatives equal to the target. Pass `item_ids` `(B,)` to count each item
+    once, as one process with unique targets does (`duplicate_columns`).
     When no rollout is masked the loss is 0 with a graph through both inputs, so backward still works.
     """
     if not mask.any():
@@ -50,9 +65,7 @@ def item_surrogate_loss(
     items = F.normalize(item_vecs.float(), dim=-1, eps=1e-8)  # (B, d)
     logits = users @ items.T / tau  # (R, B)
     if item_ids is not None:
-        same_item = item_ids.unsqueeze(0) == item_ids[target_cols].unsqueeze(1)  # (R, B)
-        same_item.scatter_(1, target_cols.unsqueeze(1), False)
-        logits = logits.masked_fill(same_item, float("-inf"))
+        logits = logits.masked_fill(duplicate_columns(item_ids, target_cols), float("-inf"))
     log_p = torch.log_softmax(logits, dim=-1).gather(1, target_cols.unsqueeze(1)).squeeze(1)  # (R,)
     # exp(log p - log p.detach()) is p / p.detach() without 0/0 when p underflows float32.
     ratio = torch.exp(log_p - log_p.detach())

@@ -95,3 +95,15 @@ def test_a_process_without_relabelled_rollouts_still_joins_the_gather(per_proces
     items_grad = process0["items_grad"] + process1["items_grad"]
     torch.testing.assert_close(items_grad, reference["items_grad"])
     assert process1["items_grad"][[2, 4]].abs().sum() > 0
+
+
+def test_a_target_held_by_both_processes_counts_once(per_process):
+    reference = one_process("shared")
+    process0, process1 = (r["shared"] for r in per_process)
+    # Both hold item 5 (gathered twice); with 2 relabelled rollouts each, the mean loss is the global one.
+    torch.testing.assert_close((process0["loss"] + process1["loss"]) / WORLD, reference["loss"])
+    users_grad = torch.cat([process0["users_grad"], process1["users_grad"]])
+    torch.testing.assert_close(users_grad / WORLD, reference["users_grad"])
+    torch.testing.assert_close(
+        (process0["items_grad"] + process1["items_grad"]) / WORLD, reference["items_grad"]
+    )

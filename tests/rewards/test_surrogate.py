@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rewards.surrogate import clipped_surrogate, item_surrogate_loss
+from rewards.surrogate import clipped_surrogate, duplicate_columns, item_surrogate_loss
 
 
 def test_clipped_surrogate_is_minus_advantage_at_ratio_one():
@@ -98,6 +98,31 @@ def test_item_ids_drop_duplicate_copies_of_the_target():
     assert kept.item() == dropped.item() == pytest.approx(-1.0)
     dropped.backward()
     assert items.grad[1].abs().sum() == 0  # the duplicate column no longer competes with the target
+
+
+def test_item_ids_count_a_repeated_negative_once():
+    # Columns [a, b, a', c]: a' is a second copy of item a (gathered from another process). Rollout 0's target
+    # is b, so a is only a negative there and must count once; rollout 1's target is the copy a'.
+    gen = torch.Generator().manual_seed(1)
+    users = torch.randn(2, 4, generator=gen)
+    base = torch.randn(3, 4, generator=gen)  # items a, b, c
+    adv, mask = torch.tensor([0.8, -0.5]), torch.tensor([True, True])
+    copied = base[[0, 1, 0, 2]].clone().requires_grad_(True)
+    unique = base.clone().requires_grad_(True)
+    with_copy = item_surrogate_loss(
+        users, copied, torch.tensor([1, 2]), adv, mask, tau=0.5, item_ids=torch.tensor([10, 11, 10, 12])
+    )
+    reference = item_surrogate_loss(users, unique, torch.tensor([1, 0]), adv, mask, tau=0.5)
+    torch.testing.assert_close(with_copy, reference)
+    with_copy.backward()
+    reference.backward()
+    grads = copied.grad
+    torch.testing.assert_close(grads[0] + grads[2], unique.grad[0])  # the two copies share item a's gradient
+    torch.testing.assert_close(grads[[1, 3]], unique.grad[[1, 2]])
+    assert duplicate_columns(torch.tensor([10, 11, 10, 12]), torch.tensor([1, 2])).tolist() == [
+        [False, False, True, False],  # target b: the second a goes
+        [True, False, False, False],  # target a': its own column stays, the first a goes
+    ]
 
 
 def test_item_loss_accepts_bfloat16_vectors():
