@@ -92,6 +92,11 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: RecPOConfig
     return model, tokenizer
 
 
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """{"valid/hit@5": x} -> {"<prefix>/valid/hit@5": x}: the names evaluations before and after training log."""
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+
+
 def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: ModelConfig) -> dict:
     set_seed(training_args.seed)
     setup_logging(training_args)
@@ -137,16 +142,15 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     before = {}
     if script_args.evaluate_before and training_args.resume_from_checkpoint is None:
         before = trainer.ranking_evaluation(splits)
-        trainer.log_metrics_only({f"before/{k}": v for k, v in before.items()})
+        trainer.log_metrics_only(prefixed("before", before))
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if (
-        before
-    ):  # train() starts a new state: put the untrained model's figures back, as step 0, for the report
-        trainer.state.log_history.insert(0, {**{f"before/{k}": v for k, v in before.items()}, "step": 0})
+    if before:
+        # train() starts a new state: put the untrained model's figures back, as step 0, for the report.
+        trainer.state.log_history.insert(0, {**prefixed("before", before), "step": 0})
 
     after = trainer.ranking_evaluation(splits)
-    trainer.log_metrics_only({f"final/{k}": v for k, v in after.items()})
+    trainer.log_metrics_only(prefixed("final", after))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json beside results.json: the report draws its curves from it
     trainer.save_item_index(training_args.output_dir)
