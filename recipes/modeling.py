@@ -159,6 +159,22 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
+def restrict_lora_to_top_layers(peft_config, model: PreTrainedModel, top_layers: int | None):
+    """Limit a LoRA config to the last `top_layers` decoder layers (None: leave it on every layer)."""
+    if top_layers is None:
+        return peft_config
+    if peft_config is None:
+        raise ValueError("--lora_top_layers needs a LoRA adapter: add --use_peft true.")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    total = getattr(config, "num_hidden_layers", None)
+    if total is None:
+        raise ValueError(f"--lora_top_layers: {type(model).__name__}'s config does not say its number of layers.")
+    if not 1 <= top_layers <= total:
+        raise ValueError(f"--lora_top_layers must be between 1 and {total} (the model's layers), got {top_layers}.")
+    peft_config.layers_to_transform = list(range(total - top_layers, total))
+    return peft_config
+
+
 __all__ = [
     "EMBEDDED_MODEL",
     "MissingDependencyError",
@@ -166,4 +182,5 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "resolve_model_path",
+    "restrict_lora_to_top_layers",
 ]

@@ -130,7 +130,9 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         eval_dataset=data["valid"],
         test_dataset=data["test"],
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=modeling.restrict_lora_to_top_layers(
+            get_peft_config(model_args), model, script_args.lora_top_layers
+        ),
         callbacks=callbacks,
         max_eval_users=script_args.max_eval_users,
         max_test_users=script_args.max_test_users,
