@@ -168,9 +168,13 @@ def restrict_lora_to_top_layers(peft_config, model: PreTrainedModel, top_layers:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     total = getattr(config, "num_hidden_layers", None)
     if total is None:
-        raise ValueError(f"--lora_top_layers: {type(model).__name__}'s config does not say its number of layers.")
+        raise ValueError(
+            f"--lora_top_layers: {type(model).__name__}'s config does not say its number of layers."
+        )
     if not 1 <= top_layers <= total:
-        raise ValueError(f"--lora_top_layers must be between 1 and {total} (the model's layers), got {top_layers}.")
+        raise ValueError(
+            f"--lora_top_layers must be between 1 and {total} (the model's layers), got {top_layers}."
+        )
     peft_config.layers_to_transform = list(range(total - top_layers, total))
     return peft_config
 

@@ -18,7 +18,11 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def lora_layers(model) -> set[int]:
-    return {int(name.split(".layers.")[1].split(".")[0]) for name, _ in model.named_parameters() if "lora_" in name}
+    return {
+        int(name.split(".layers.")[1].split(".")[0])
+        for name, _ in model.named_parameters()
+        if "lora_" in name
+    }
 
 
 def test_adapter_only_on_the_top_layers_and_backward_stops_below_them(tokenizer):
@@ -64,5 +68,6 @@ def test_run_with_top_layers_saves_an_adapter_on_those_layers(tiny_model_dir, sy
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [1]
     with safe_open(out / "adapter_model.safetensors", "pt") as weights:
-        layers = {int(key.split(".layers.")[1].split(".")[0]) for key in weights.keys()}
+        names = weights.keys()  # safe_open is not iterable itself
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in names}
     assert layers == {1}
