@@ -118,6 +118,16 @@ class RecPOConfig(GRPOConfig):
         default=1.0,
         metadata={"help": "Weight of the item surrogate in L = L_token + w * L_item (1 in the paper)."},
     )
+    item_logq_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "Subtract log q(i) from each in-batch column's score in the item loss, q(i) being how often "
+            "item i is a training target (add-one smoothed). In-batch negatives are drawn by popularity, so the "
+            "plain in-batch softmax learns cos ~ log p(i|u) - log p(i) and unlearns popularity, which "
+            "full-catalog Hit@K rewards; the correction makes it estimate the full softmax instead (sampled-"
+            "softmax bias correction). Not in the paper: false reproduces it."
+        },
+    )
     gather_negatives: bool = field(
         default=True,
         metadata={"help": "Use the other processes' in-batch target items as negatives of the item loss."},

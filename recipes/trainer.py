@@ -47,7 +47,7 @@ from recipes.vectors import MarkerCloser, capture_final_hidden, inference, last_
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
 from rewards.ranking import ranking_metrics
-from rewards.surrogate import duplicate_columns, item_surrogate_loss
+from rewards.surrogate import duplicate_columns, item_surrogate_loss, target_log_frequency
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class RecPOTrainer(GRPOTrainer):
         )
         self.test_rows = (
             _subset(test_dataset, max_test_users, args.seed) if test_dataset is not None else None
+        )
+        self.item_log_q = (
+            target_log_frequency(train_dataset["target"], len(items)) if args.item_logq_correction else None
         )
         self.last_eval: dict[str, RankingResult] = {}
         self._last_rewards_per_func: torch.Tensor | None = None
@@ -360,8 +363,13 @@ class RecPOTrainer(GRPOTrainer):
         if self.args.gather_negatives and self.accelerator.num_processes > 1:
             gathered = [item for part in gather_object([columns.tolist()]) for item in part]
             item_ids = torch.tensor(gathered, dtype=torch.long, device=columns.device)
+        bias = None
+        if self.item_log_q is not None:  # sampled-softmax correction: columns drawn by popularity
+            bias = -self.item_log_q.to(item_ids.device)[item_ids]
         if advantages is None:
             scores = cosine_scores(user_vecs, item_vecs, self.args.similarity_temperature)  # (R, B)
+            if bias is not None:
+                scores = scores + bias.unsqueeze(0)
             dropped = duplicate_columns(item_ids, target_cols)
             return F.cross_entropy(scores.masked_fill(dropped, float("-inf")), target_cols)
         return item_surrogate_loss(
@@ -374,6 +382,7 @@ class RecPOTrainer(GRPOTrainer):
             eps_low=self.args.epsilon,
             eps_high=self.args.epsilon_high if self.args.epsilon_high is not None else self.args.epsilon,
             item_ids=item_ids,
+            column_bias=bias,
         )
 
     def _gather_negatives(self, item_vecs: torch.Tensor) -> tuple[torch.Tensor, int]:

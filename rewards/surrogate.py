@@ -35,6 +35,18 @@ def duplicate_columns(item_ids: torch.Tensor, target_cols: torch.Tensor) -> torc
     return drop
 
 
+def target_log_frequency(targets, num_items: int) -> torch.Tensor:
+    """`(num_items,)` log q(i): how often each item is a training target, add-one smoothed (sums to 1).
+
+    In-batch negatives are other samples' targets, so q is also the rate at which an item shows up as a
+    column of the item loss; subtracting log q from its logits is the sampled-softmax correction.
+    """
+    counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=num_items).double()
+    if counts.numel() > num_items:
+        raise ValueError(f"a target item index is >= the catalog size {num_items}")
+    return torch.log((counts + 1.0) / (counts.sum() + num_items)).float()
+
+
 def item_surrogate_loss(
     user_vecs: torch.Tensor,
     item_vecs: torch.Tensor,
@@ -46,6 +58,7 @@ def item_surrogate_loss(
     eps_high: float = 0.28,
     *,
     item_ids: torch.Tensor | None = None,
+    column_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar item loss: mean clipped surrogate of the in-batch target probability over masked rollouts.
 
@@ -57,6 +70,8 @@ def item_surrogate_loss(
     a gathered negative repeats one), every copy stays in the softmax, so the copies that are not the
     rollout's own column act as negatives equal to the target. Pass `item_ids` `(B,)` to count each item
     once, as one process with unique targets does (`duplicate_columns`).
+    column_bias `(B,)`, when given, is added to every rollout's logit of that column (e.g. -log q(item),
+    the sampled-softmax correction).
     When no rollout is masked the loss is 0 with a graph through both inputs, so backward still works.
     """
     if not mask.any():
@@ -64,6 +79,8 @@ def item_surrogate_loss(
     users = F.normalize(user_vecs.float(), dim=-1, eps=1e-8)  # (R, d)
     items = F.normalize(item_vecs.float(), dim=-1, eps=1e-8)  # (B, d)
     logits = users @ items.T / tau  # (R, B)
+    if column_bias is not None:
+        logits = logits + column_bias.float().unsqueeze(0)
     if item_ids is not None:
         logits = logits.masked_fill(duplicate_columns(item_ids, target_cols), float("-inf"))
     log_p = torch.log_softmax(logits, dim=-1).gather(1, target_cols.unsqueeze(1)).squeeze(1)  # (R,)

@@ -14,7 +14,7 @@ import torch
 
 from recipes.evaluation import render_item_prompt, render_user_prompt
 from recipes.vectors import left_pad
-from rewards.surrogate import clipped_surrogate, item_surrogate_loss
+from rewards.surrogate import clipped_surrogate, item_surrogate_loss, target_log_frequency
 from tests.recipes.conftest import build_trainer
 
 MARKER = "<answer>"
@@ -260,3 +260,68 @@ def test_no_reasoning_loss_is_cross_entropy_over_in_batch_targets(tokenizer, syn
     assert tokenizer.decode(prompts[0]).endswith(MARKER)
     assert render_item_prompt(tokenizer, trainer.items[0]["prompt"]) == trainer.item_prompt_ids[0]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_logq_correction_subtracts_log_target_frequency_from_both_item_losses(
+    tokenizer, synthetic_data, tmp_path
+):
+    plain = build_trainer(tokenizer, synthetic_data, tmp_path / "a", random_lora_b=True)
+    corrected = build_trainer(
+        tokenizer, synthetic_data, tmp_path / "b", random_lora_b=True, item_logq_correction=True
+    )
+    assert plain.item_log_q is None
+    log_q = target_log_frequency(corrected.train_dataset["target"], len(corrected.items))
+    assert torch.equal(corrected.item_log_q, log_q)
+    assert log_q.exp().sum().item() == pytest.approx(1.0)
+
+    # RecPO: the loss value is -mean(A) either way (ratio 1); the gradient is that of the corrected logits.
+    model = corrected.model
+    model.train()
+    torch.manual_seed(0)
+    users = torch.randn(4, model.config.hidden_size, requires_grad=True)
+    common, rare = log_q.argmax().item(), log_q.argmin().item()  # columns whose corrections differ
+    assert log_q[common] > log_q[rare]
+    targets = torch.tensor([common, common, rare, rare])
+    advantages, mask = torch.tensor(ADVANTAGES), torch.tensor(RELABEL)
+    with torch.no_grad():
+        columns, inverse = torch.unique(targets, return_inverse=True)
+        items = plain_item_vectors(model, corrected, columns.tolist())
+    corrected._item_vectors = lambda m, cols: plain_item_vectors(m, corrected, cols).detach()
+    corrected._item_loss(model, users, targets, advantages, mask).backward()
+    reference = users.detach().clone().requires_grad_(True)
+    args = corrected.args
+    item_surrogate_loss(
+        reference,
+        items,
+        inverse,
+        advantages,
+        mask,
+        tau=args.similarity_temperature,
+        eps_low=args.epsilon,
+        eps_high=args.epsilon_high,
+        column_bias=-log_q[columns],
+    ).backward()
+    assert torch.allclose(users.grad, reference.grad, atol=1e-5)
+    uncorrected = users.detach().clone().requires_grad_(True)
+    item_surrogate_loss(
+        uncorrected,
+        items,
+        inverse,
+        advantages,
+        mask,
+        tau=args.similarity_temperature,
+        eps_low=args.epsilon,
+        eps_high=args.epsilon_high,
+    ).backward()
+    assert not torch.allclose(users.grad, uncorrected.grad, atol=1e-5)  # the correction changes the update
+
+    # No-reasoning (no advantages): cross-entropy of the corrected logits.
+    with torch.no_grad():
+        loss = corrected._item_loss(model, users.detach()[::2], targets[::2], None, None)
+        scores = (
+            torch.nn.functional.normalize(users[::2], dim=-1) @ torch.nn.functional.normalize(items, dim=-1).T
+        )
+        expected = torch.nn.functional.cross_entropy(
+            scores / args.similarity_temperature - log_q[columns], inverse[::2]
+        )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

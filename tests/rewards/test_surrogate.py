@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rewards.surrogate import clipped_surrogate, duplicate_columns, item_surrogate_loss
+from rewards.surrogate import clipped_surrogate, duplicate_columns, item_surrogate_loss, target_log_frequency
 
 
 def test_clipped_surrogate_is_minus_advantage_at_ratio_one():
@@ -136,3 +136,29 @@ def test_item_loss_accepts_bfloat16_vectors():
     )
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(users.grad).all()
+
+
+def test_target_log_frequency_by_hand():
+    # 4 items, targets 0, 0, 0, 2: add-one counts 4, 1, 2, 1 over 8.
+    log_q = target_log_frequency([0, 0, 0, 2], 4)
+    assert log_q.exp().tolist() == pytest.approx([0.5, 0.125, 0.25, 0.125])
+    with pytest.raises(ValueError, match="catalog size 4"):
+        target_log_frequency([0, 4], 4)
+
+
+def test_column_bias_shifts_the_in_batch_logits_by_hand():
+    # User 0 sits on item 0's axis; items 0 and 1 are orthogonal, tau = 1: logits (1, 0).
+    users = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    one = dict(
+        target_cols=torch.tensor([0]), advantages=torch.tensor([1.0]), mask=torch.tensor([True]), tau=1.0
+    )
+    item_surrogate_loss(users, items, **one).backward()
+    plain = users.grad.clone()
+    users.grad = None
+    # Bias (0, 1), i.e. item 0 is e times as frequent a target: logits (1, 1), p(item 1) = 1/2, not 1/(e + 1).
+    item_surrogate_loss(users, items, **one, column_bias=torch.tensor([0.0, 1.0])).backward()
+    # d log p0 / d u = -p(item 1) * (0, 1) (cos gradient of item 1 at u = (1, 0)); the loss is -log p0.
+    assert plain[0, 1].item() == pytest.approx(1.0 / (math.e + 1.0))
+    assert users.grad[0, 1].item() == pytest.approx(0.5)
+    assert users.grad[0, 0].item() == pytest.approx(0.0)
