@@ -30,6 +30,7 @@ def stand_in_trainer(accelerator: Accelerator, table: torch.Tensor, tau: float) 
             similarity_temperature=tau, epsilon=0.2, epsilon_high=0.28, gather_negatives=True
         ),
         _item_vectors=lambda model, columns: table[torch.as_tensor(columns)],
+        item_log_q=None,  # the paper's loss, no log-q correction
     )
     trainer._gather_negatives = lambda vecs: gather_with_grad(vecs, accelerator)
     return trainer

@@ -288,32 +288,25 @@ def test_logq_correction_subtracts_log_target_frequency_from_both_item_losses(
         items = plain_item_vectors(model, corrected, columns.tolist())
     corrected._item_vectors = lambda m, cols: plain_item_vectors(m, corrected, cols).detach()
     corrected._item_loss(model, users, targets, advantages, mask).backward()
-    reference = users.detach().clone().requires_grad_(True)
     args = corrected.args
-    item_surrogate_loss(
-        reference,
-        items,
-        inverse,
-        advantages,
-        mask,
-        tau=args.similarity_temperature,
-        eps_low=args.epsilon,
-        eps_high=args.epsilon_high,
-        column_bias=-log_q[columns],
-    ).backward()
-    assert torch.allclose(users.grad, reference.grad, atol=1e-5)
-    uncorrected = users.detach().clone().requires_grad_(True)
-    item_surrogate_loss(
-        uncorrected,
-        items,
-        inverse,
-        advantages,
-        mask,
-        tau=args.similarity_temperature,
-        eps_low=args.epsilon,
-        eps_high=args.epsilon_high,
-    ).backward()
-    assert not torch.allclose(users.grad, uncorrected.grad, atol=1e-5)  # the correction changes the update
+
+    def user_grad(bias: torch.Tensor | None) -> torch.Tensor:
+        fresh = users.detach().clone().requires_grad_(True)
+        item_surrogate_loss(
+            fresh,
+            items,
+            inverse,
+            advantages,
+            mask,
+            tau=args.similarity_temperature,
+            eps_low=args.epsilon,
+            eps_high=args.epsilon_high,
+            column_bias=bias,
+        ).backward()
+        return fresh.grad
+
+    assert torch.allclose(users.grad, user_grad(-log_q[columns]), atol=1e-5)
+    assert not torch.allclose(users.grad, user_grad(None), atol=1e-5)  # the correction changes the update
 
     # No-reasoning (no advantages): cross-entropy of the corrected logits.
     with torch.no_grad():
