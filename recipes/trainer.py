@@ -47,7 +47,7 @@ from recipes.vectors import MarkerCloser, capture_final_hidden, inference, last_
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
 from rewards.ranking import ranking_metrics
-from rewards.surrogate import duplicate_columns, item_surrogate_loss, target_log_frequency
+from rewards.surrogate import in_batch_logits, item_surrogate_loss, target_log_frequency
 
 logger = logging.getLogger(__name__)
 
@@ -367,11 +367,15 @@ class RecPOTrainer(GRPOTrainer):
         if self.item_log_q is not None:  # sampled-softmax correction: columns drawn by popularity
             bias = -self.item_log_q.to(item_ids.device)[item_ids]
         if advantages is None:
-            scores = cosine_scores(user_vecs, item_vecs, self.args.similarity_temperature)  # (R, B)
-            if bias is not None:
-                scores = scores + bias.unsqueeze(0)
-            dropped = duplicate_columns(item_ids, target_cols)
-            return F.cross_entropy(scores.masked_fill(dropped, float("-inf")), target_cols)
+            logits = in_batch_logits(
+                user_vecs,
+                item_vecs,
+                target_cols,
+                self.args.similarity_temperature,
+                item_ids=item_ids,
+                column_bias=bias,
+            )
+            return F.cross_entropy(logits, target_cols)
         return item_surrogate_loss(
             user_vecs,
             item_vecs,

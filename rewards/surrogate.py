@@ -47,6 +47,28 @@ def target_log_frequency(targets, num_items: int) -> torch.Tensor:
     return torch.log((counts + 1.0) / (counts.sum() + num_items)).float()
 
 
+def in_batch_logits(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    target_cols: torch.Tensor,
+    tau: float,
+    *,
+    item_ids: torch.Tensor | None = None,
+    column_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(R, B)` logits of the in-batch item softmax: cos(u_j, v_b) / tau, plus column_bias `(B,)` if given,
+    with -inf on the columns `duplicate_columns` drops when item_ids `(B,)` is given. Shared by the item
+    surrogate and the no-reasoning cross-entropy."""
+    users = F.normalize(user_vecs.float(), dim=-1, eps=1e-8)  # (R, d)
+    items = F.normalize(item_vecs.float(), dim=-1, eps=1e-8)  # (B, d)
+    logits = users @ items.T / tau  # (R, B)
+    if column_bias is not None:
+        logits = logits + column_bias.float().unsqueeze(0)
+    if item_ids is not None:
+        logits = logits.masked_fill(duplicate_columns(item_ids, target_cols), float("-inf"))
+    return logits
+
+
 def item_surrogate_loss(
     user_vecs: torch.Tensor,
     item_vecs: torch.Tensor,
@@ -76,13 +98,9 @@ def item_surrogate_loss(
     """
     if not mask.any():
         return (user_vecs.sum() + item_vecs.sum()) * 0.0
-    users = F.normalize(user_vecs.float(), dim=-1, eps=1e-8)  # (R, d)
-    items = F.normalize(item_vecs.float(), dim=-1, eps=1e-8)  # (B, d)
-    logits = users @ items.T / tau  # (R, B)
-    if column_bias is not None:
-        logits = logits + column_bias.float().unsqueeze(0)
-    if item_ids is not None:
-        logits = logits.masked_fill(duplicate_columns(item_ids, target_cols), float("-inf"))
+    logits = in_batch_logits(
+        user_vecs, item_vecs, target_cols, tau, item_ids=item_ids, column_bias=column_bias
+    )
     log_p = torch.log_softmax(logits, dim=-1).gather(1, target_cols.unsqueeze(1)).squeeze(1)  # (R,)
     # exp(log p - log p.detach()) is p / p.detach() without 0/0 when p underflows float32.
     ratio = torch.exp(log_p - log_p.detach())
