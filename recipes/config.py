@@ -162,6 +162,29 @@ class RecPOConfig(GRPOConfig):
             "help": "New-token limit of greedy reasoning at evaluation (default: max_completion_length)."
         },
     )
+    fast_rollouts: bool = field(
+        default=True,
+        metadata={
+            "help": "Sample rollouts with RecPO's own decoding loop instead of transformers' generate: each distinct "
+            "prompt is prefilled once for its G rollouts, the instruction every prompt starts with once per batch, "
+            "and the user vector is read inside the loop (no second forward to score the rollouts). Samples come "
+            "from the same distribution (transformers' temperature, top-k, top-p and min-p warpers, the same "
+            "stopping rules); with the same seed and batch order the very same tokens. Falls back to TRL's path, "
+            "logged once, with vLLM, continuous batching, ZeRO-3/FSDP, other generation settings (e.g. "
+            "repetition_penalty), models that scale their logits, and active dropout (TRL samples in train mode: "
+            "set `disable_dropout: true`)."
+        },
+    )
+    shared_prompt_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "In the loss, run each distinct prompt once with gradient and only [last prompt token, "
+            "completion] per rollout, on a copy of its keys and values (TRL runs every rollout's whole prompt; "
+            "prompts are most of a rollout's tokens, and G rollouts share one). Same loss and gradient to float "
+            "rounding. Falls back to TRL's forward, logged once, under gradient checkpointing (it drops the "
+            "cache), for multimodal inputs and MoE auxiliary losses."
+        },
+    )
     merge_adapters_for_generation: bool = field(
         default=True,
         metadata={

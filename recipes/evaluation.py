@@ -18,11 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from recipes.decoding import reason_and_encode
 from recipes.vectors import (
     MarkerCloser,
     encode_sequences,
     encode_shared_prefix,
-    greedy_reason_and_encode,
     inference,
     left_pad,
     unwrap,
@@ -250,8 +250,8 @@ def evaluate_users(
     prompts = [render_user_prompt(tokenizer, row["prompt"], reasoning, closer.marker) for row in rows]
     with inference(model):
         if reasoning:
-            user_vecs, completions, found = greedy_reason_and_encode(
-                model, tokenizer, prompts, closer, max_new_tokens, batch_size, progress
+            user_vecs, completions, found = reason_and_encode(
+                model, tokenizer, prompts, closer, max_new_tokens, batch_size=batch_size, progress=progress
             )
         else:
             user_vecs = encode_sequences(model, prompts, tokenizer.pad_token_id, batch_size, progress)

@@ -32,10 +32,11 @@ from datasets import DatasetDict
 
 from data_prep.prompts import user_messages
 from recipes.baselines import load_dataset_dir
+from recipes.decoding import reason_and_encode
 from recipes.evaluate import add_model_arguments, item_prompt_ids, load_model_or_exit, setup_logging
 from recipes.evaluation import cosine_scores, render_user_prompt
 from recipes.loading import item_index_for
-from recipes.vectors import MarkerCloser, encode_sequences, greedy_reason_and_encode
+from recipes.vectors import MarkerCloser, encode_sequences
 from rewards.ranking import target_rank
 
 MS_PER_DAY = 86_400_000
@@ -134,9 +135,7 @@ def recommend(
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt = render_user_prompt(tokenizer, messages, reasoning, closer.marker)
     if reasoning:
-        vectors, completions, wrote = greedy_reason_and_encode(
-            model, tokenizer, [prompt], closer, max_new_tokens
-        )
+        vectors, completions, wrote = reason_and_encode(model, tokenizer, [prompt], closer, max_new_tokens)
         text = tokenizer.decode(completions[0], skip_special_tokens=True)
         written = wrote[0]
     else:

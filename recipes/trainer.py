@@ -26,10 +26,11 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset
-from transformers import Trainer, TrainerCallback
+from transformers import GenerationConfig, LogitsProcessorList, Trainer, TrainerCallback
 from trl import GRPOTrainer
 
 from recipes.config import RecPOConfig
+from recipes.decoding import UnsupportedSampling, reason_and_encode, sampling_warpers, unsupported_head
 from recipes.evaluation import (
     RankingResult,
     build_item_index,
@@ -43,7 +44,16 @@ from recipes.evaluation import (
     stop_at_marker,
     unwrap_for_generate,
 )
-from recipes.vectors import MarkerCloser, capture_final_hidden, inference, last_token_hidden, left_pad
+from recipes.logprobs import shared_prompt_logps
+from recipes.vectors import (
+    MarkerCloser,
+    capture_final_hidden,
+    gradient_checkpointing_active,
+    inference,
+    last_token_hidden,
+    left_pad,
+    prefill,
+)
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
 from rewards.ranking import ranking_metrics
@@ -103,6 +113,10 @@ class RecPOTrainer(GRPOTrainer):
         self.last_eval: dict[str, RankingResult] = {}
         self._last_rewards_per_func: torch.Tensor | None = None
         self._last_targets: list[int] = []
+        self._rollout_vectors: torch.Tensor | None = None  # user vectors read by the fast rollout loop
+        self._want_marker_hidden = False  # ask the next log-prob forward for the hidden state at the marker
+        self._marker_hidden: torch.Tensor | None = None
+        self._reasons_logged: set[str] = set()
 
     # ------------------------------------------------------------------ item index
     def refresh_item_index(self) -> torch.Tensor:
@@ -137,42 +151,59 @@ class RecPOTrainer(GRPOTrainer):
         self.item_index[items] = vectors.to(self.item_index.device)
 
     def _item_vectors(self, model, item_columns: Sequence[int]) -> torch.Tensor:
-        """Vectors of the given items, with gradient if enabled. (len(item_columns), d)"""
-        ids, mask = left_pad(
-            [self.item_prompt_ids[i] for i in item_columns],
-            self.processing_class.pad_token_id,
-            self.accelerator.device,
-        )
-        return last_token_hidden(model, ids, mask)
+        """Vectors of the given items, with gradient if enabled; their shared instruction runs once. (len, d)"""
+        prompts = [self.item_prompt_ids[i] for i in item_columns]
+        return prefill(model, prompts, self.processing_class.pad_token_id).last_hidden
+
+    def _log_once(self, message: str, *args) -> None:
+        text = message % args if args else message
+        if text not in self._reasons_logged:
+            self._reasons_logged.add(text)
+            logger.info(text)
 
     # ------------------------------------------------------------------ rollouts
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
         started = time.perf_counter()
+        self._rollout_vectors = None
+        fast, warpers = self._fast_rollout_sampling(images, multimodal_fields)
         peft_model = self._peft_model_to_merge()
         try:  # merge inside the try: a merge that fails half-way still unmerges the layers it merged
             if peft_model is not None:
                 with torch.no_grad():  # peft computes B @ A from trainable weights: no graph for that
                     peft_model.merge_adapter()
-            with stop_at_marker(self.model_wrapped, self.processing_class, self.args.answer_marker):
-                completion_ids, logprobs = super()._generate_single_turn(
-                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-                )
+            if fast:
+                with inference(self.model):  # no dropout is active (checked), so eval mode samples the same
+                    vectors, closed, found = reason_and_encode(
+                        unwrap_for_generate(self.model_wrapped),
+                        self.processing_class,
+                        prompt_ids,
+                        self.closer,
+                        self.max_completion_length,
+                        batch_size=len(prompt_ids),
+                        warpers=warpers,
+                        eos_ids=self.eos_token_ids,
+                    )
+                self._rollout_vectors, logprobs = vectors.float(), None
+            else:
+                with stop_at_marker(self.model_wrapped, self.processing_class, self.args.answer_marker):
+                    completion_ids, logprobs = super()._generate_single_turn(
+                        prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                    )
         finally:  # the loss and the user vectors must see the unmerged model, whatever happened above
             if peft_model is not None:
                 with torch.no_grad():
                     peft_model.unmerge_adapter()
-        closed, found = [], []
-        for i, ids in enumerate(completion_ids):
-            new_ids, wrote_marker = self.closer.close(ids)
-            closed.append(new_ids)
-            found.append(wrote_marker)
-            if (
-                logprobs is not None
-            ):  # appended marker tokens were not sampled: no importance correction for them
-                kept = logprobs[i][: len(new_ids)]
-                logprobs[i] = kept + [None] * (len(new_ids) - len(kept))
+        if not fast:
+            closed, found = [], []
+            for i, ids in enumerate(completion_ids):
+                new_ids, wrote_marker = self.closer.close(ids)
+                closed.append(new_ids)
+                found.append(wrote_marker)
+                if logprobs is not None:  # appended marker tokens were not sampled: no importance correction
+                    kept = logprobs[i][: len(new_ids)]
+                    logprobs[i] = kept + [None] * (len(new_ids) - len(kept))
         mode = "train" if self.model.training else "eval"
         found_all = self.accelerator.gather(
             torch.tensor(found, dtype=torch.float32, device=self.accelerator.device)
@@ -180,6 +211,39 @@ class RecPOTrainer(GRPOTrainer):
         self._metrics[mode]["completions/marker_written_ratio"].append(found_all.mean().item())
         self._metrics[mode]["timing/generation_s"].append(time.perf_counter() - started)
         return closed, logprobs
+
+    def _fast_rollout_sampling(self, images, multimodal_fields) -> tuple[bool, LogitsProcessorList | None]:
+        """Whether RecPO's own loop samples the rollouts, and its warpers (None: greedy, as `do_sample=False`).
+
+        Where it cannot sample exactly as transformers' generate would, TRL's path runs (logged once, why).
+        """
+        if not self.args.fast_rollouts:
+            return False, None
+        model = unwrap_for_generate(self.model_wrapped)
+        reason = None
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            reason = "vLLM or continuous batching generates them"
+        elif self._dist.is_zero3 or self._dist.is_fsdp:
+            reason = "ZeRO-3/FSDP shard the parameters"
+        elif images is not None or multimodal_fields:
+            reason = "the prompts carry images"
+        elif unsupported_head(model) is not None:
+            reason = unsupported_head(model)
+        elif any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules()):
+            reason = (
+                "dropout is active and TRL samples rollouts in train mode; set `disable_dropout: true` (the "
+                "reference implementation's setting) to sample them with the faster loop"
+            )
+        else:  # what generate would use: the model's defaults overridden by TRL's settings
+            config = GenerationConfig(
+                **{**model.generation_config.to_dict(), **self.generation_config.to_dict()}
+            )
+            try:
+                return True, sampling_warpers(config) if config.do_sample else None
+            except UnsupportedSampling as err:
+                reason = str(err)
+        self._log_once("Rollouts are sampled with transformers' generate (slower): %s.", reason)
+        return False, None
 
     def _peft_model_to_merge(self) -> torch.nn.Module | None:
         """The peft model whose LoRA adapter to merge for this generation call, or None (then logged once, why).
@@ -260,7 +324,10 @@ class RecPOTrainer(GRPOTrainer):
         targets = [int(x["target"]) for x in inputs]
         if self.args.score_with_fresh_targets:
             self._refresh_rows(sorted(set(targets)))
-        user_vecs = self._user_vectors_no_grad()
+        user_vecs = self._rollout_vectors  # read by the fast rollout loop, or computed here
+        self._rollout_vectors = None
+        if user_vecs is None:
+            user_vecs = self._user_vectors_no_grad()
         scores = cosine_scores(user_vecs, index, self.args.similarity_temperature)  # (n, items), a new tensor
         if not self.args.score_with_fresh_targets:  # see the option's help: scored first, refreshed after
             self._refresh_rows(sorted(set(targets)))
@@ -331,21 +398,91 @@ class RecPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if not self.args.reasoning:
             keep = inputs["relabel_mask"]  # one copy of each prompt: the G copies are identical
-            user_vecs = last_token_hidden(model, inputs["prompt_ids"][keep], inputs["prompt_mask"][keep])
+            prompts = [
+                row[m.bool()].tolist()
+                for row, m in zip(inputs["prompt_ids"][keep], inputs["prompt_mask"][keep], strict=True)
+            ]
+            user_vecs = prefill(model, prompts, self.processing_class.pad_token_id).last_hidden
             item_loss = self._item_loss(model, user_vecs, inputs["target_index"][keep], None, None)
             self._metrics[mode]["item_loss"].append(self.accelerator.gather(item_loss.detach()).mean().item())
             return self.args.item_loss_weight * item_loss / self._accumulation(mode)
-        with capture_final_hidden(model) as capture:
+        self._want_marker_hidden = True  # the token log-prob forward also reads the user vectors
+        try:
             token_loss = super()._compute_loss(model, inputs)
-        hidden = capture.hidden  # (B, P + C, d)
-        lengths = inputs["completion_mask"].sum(dim=1)
-        positions = inputs["prompt_ids"].size(1) + lengths - 1  # the marker's last token
-        user_vecs = hidden[torch.arange(hidden.size(0), device=hidden.device), positions]  # (B, d)
+            user_vecs = self._marker_hidden  # (B, d)
+        finally:
+            self._want_marker_hidden, self._marker_hidden = False, None
         item_loss = self._item_loss(
             model, user_vecs, inputs["target_index"], inputs["advantages"], inputs["relabel_mask"]
         )
         self._metrics[mode]["item_loss"].append(self.accelerator.gather(item_loss.detach()).mean().item())
         return token_loss + self.args.item_loss_weight * item_loss / self._accumulation(mode)
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
+        """TRL's log-prob forward, run once per distinct prompt (`shared_prompt_forward`); when `_compute_loss` asks,
+        it also keeps the final hidden state at each completion's last token, the marker (`_marker_hidden`)."""
+        want_hidden, self._want_marker_hidden = self._want_marker_hidden, False
+        reason = self._shared_forward_blocker(
+            model, attention_mask, logits_to_keep, compute_aux_loss, multimodal
+        )
+        if reason is None:
+            logps, entropies, hidden = shared_prompt_logps(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                self.processing_class.pad_token_id,
+                autocast=self.accelerator.autocast,
+            )
+            if want_hidden:
+                self._marker_hidden = hidden
+            return logps, entropies if compute_entropy else None, None
+        with capture_final_hidden(model) as capture:
+            out = super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                **multimodal,
+            )
+        if want_hidden:
+            hidden = capture.hidden  # (B, P + C, d)
+            lengths = attention_mask[:, -logits_to_keep:].sum(dim=1)
+            positions = input_ids.size(1) - logits_to_keep + lengths - 1  # the marker's last token
+            self._marker_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), positions]
+        return out
+
+    def _shared_forward_blocker(
+        self, model, attention_mask, logits_to_keep, aux_loss, multimodal
+    ) -> str | None:
+        """Why the log-prob forward must run every rollout's whole sequence (logged once), or None."""
+        if not self.args.shared_prompt_forward:
+            return "off"
+        reason = None
+        if aux_loss:
+            reason = "the MoE auxiliary loss needs every token's router logits"
+        elif any(value is not None for value in multimodal.values()):
+            reason = "the inputs are multimodal"
+        elif torch.is_grad_enabled() and gradient_checkpointing_active(model):
+            reason = "gradient checkpointing drops the key/value cache the prompts would share"
+        elif int(attention_mask[:, : attention_mask.size(1) - logits_to_keep].sum(dim=1).min()) < 2:
+            reason = "a prompt has fewer than two tokens"
+        if reason is not None:
+            self._log_once("Log-probs are computed over every rollout's whole prompt (slower): %s.", reason)
+        return reason
 
     def _accumulation(self, mode: str) -> float:
         return float(self.current_gradient_accumulation_steps) if mode == "train" else 1.0

@@ -8,9 +8,9 @@ layer's hidden states and without full-vocabulary logits.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -200,7 +200,14 @@ def _cache_kwarg(backbone: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_of(output) -> object:
+    """The key/value cache a backbone forward returned (`cache` or, in older transformers, `past_key_values`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix every sequence shares, leaving each at least one token of its own."""
     first, shortest = sequences[0], min(len(s) for s in sequences)
     length = 0
     while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
@@ -208,7 +215,70 @@ def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return length
 
 
-@torch.no_grad()
+def gradient_checkpointing_active(model: nn.Module) -> bool:
+    """Whether a layer of `model` recomputes its forward in the backward pass (it then drops any KV cache)."""
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+
+
+@dataclass
+class Prefill:
+    """Prompts run through the backbone, ready to be continued token by token."""
+
+    cache: object  # a transformers Cache with one row per prompt (None under gradient checkpointing)
+    mask: torch.Tensor  # (rows, cached) 1 on real tokens, 0 on padding
+    next_position: torch.Tensor  # (rows,) position id of each row's next token
+    last_hidden: torch.Tensor  # (rows, d) final hidden state at each prompt's last token
+    cache_kw: str  # the name the backbone's forward gives the cache argument
+
+
+def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, min_prefix: int = 8) -> Prefill:
+    """Run prompts through the backbone so that repeated work runs once.
+
+    Identical prompts (the G rollouts of a user) share one row, and a prefix common to all of them (the
+    instruction every user or item prompt starts with) runs once, its keys and values copied to every row;
+    each row's own suffix is left-padded after it. Position ids count real tokens only, so a row's values
+    equal a plain forward of its prompt (to float rounding). Gradient flows when enabled by the caller,
+    through the copies too. The rows of the result follow `prompts`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prefill needs at least one prompt and no empty prompt")
+    device = next(model.parameters()).device
+    backbone = decoder(model)
+    cache_kw = _cache_kwarg(backbone)
+    rows: dict[tuple[int, ...], int] = {}
+    inverse = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
+    unique = list(rows)
+    shared = _common_prefix_length(unique) if len(unique) > 1 else len(unique[0]) - 1
+    shared = shared if shared >= min_prefix else 0
+    if torch.is_grad_enabled() and gradient_checkpointing_active(backbone):
+        shared = 0  # checkpointed layers drop the cache when gradient flows: run every prompt whole
+    cache = None
+    if shared:
+        out = backbone(input_ids=torch.as_tensor([unique[0][:shared]], device=device), use_cache=True)
+        cache = cache_of(out)
+        cache.batch_select_indices(torch.zeros(len(unique), dtype=torch.long, device=device))
+    suffixes = [u[shared:] for u in unique]
+    ids, suffix_mask = left_pad(suffixes, pad_id, device)
+    mask = torch.cat(
+        [suffix_mask.new_ones((len(unique), shared)), suffix_mask], dim=1
+    )  # (unique, shared + width)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]
+    out = backbone(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}
+    )
+    cache = cache_of(out)
+    index = torch.as_tensor(inverse, dtype=torch.long, device=device)
+    if cache is not None and (len(unique) != len(prompts) or inverse != sorted(inverse)):
+        cache.batch_select_indices(index)
+    return Prefill(
+        cache=cache,
+        mask=mask[index],
+        next_position=mask.sum(dim=1)[index],
+        last_hidden=out.last_hidden_state[:, -1][index],
+        cache_kw=cache_kw,
+    )
+
+
 def encode_shared_prefix(
     model: nn.Module,
     sequences: Sequence[Sequence[int]],
@@ -219,125 +289,16 @@ def encode_shared_prefix(
 ) -> torch.Tensor:
     """`encode_sequences` for inputs that share a long prefix (item prompts share their instruction).
 
-    The prefix runs once; its key/value cache is copied for each batch of right-padded suffixes, so
-    the catalog costs only its suffix tokens. Falls back to the plain path when little is shared.
-    (n, d)
+    Each batch runs the shared prefix once (a few dozen tokens) and only its rows' own suffixes, so the
+    catalog costs about its suffix tokens. Gradient flows when enabled by the caller. (n, d)
     """
-    if len(sequences) < 2 or _common_prefix_length(sequences) < min_prefix:
-        return encode_sequences(model, sequences, pad_id, batch_size, progress)
     device = next(model.parameters()).device
-    backbone = decoder(model)
-    cache_kw = _cache_kwarg(backbone)
-    prefix_len = _common_prefix_length(sequences)
-    prefix = torch.as_tensor([list(sequences[0][:prefix_len])], device=device)
-    prefix_out = backbone(input_ids=prefix, use_cache=True)
-    prefix_cache = getattr(prefix_out, cache_kw, None) or prefix_out.past_key_values
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    out: torch.Tensor | None = None
+    parts = []
     for chunk in tqdm(chunks, desc=progress, disable=progress is None, unit="batch", leave=False):
-        suffixes = [sequences[i][prefix_len:] for i in chunk]
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(chunk), prefix_len + width), dtype=torch.long, device=device)
-        mask[:, :prefix_len] = 1
-        for row, suffix in enumerate(suffixes):
-            ids[row, : len(suffix)] = torch.as_tensor(suffix, device=device)
-            mask[row, prefix_len : prefix_len + len(suffix)] = 1
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(chunk))
-        with capture_final_hidden(model) as capture:
-            backbone(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kw: cache})
-        hidden = capture.hidden  # (chunk, width, d)
-        last = torch.as_tensor([len(s) - 1 for s in suffixes], device=device)
-        vectors = hidden[torch.arange(len(chunk), device=device), last]
-        if out is None:
-            out = torch.empty((len(sequences), vectors.size(-1)), dtype=vectors.dtype, device=device)
-        out[torch.as_tensor(chunk, device=device)] = vectors
-    return out
-
-
-@torch.no_grad()
-def greedy_reason_and_encode(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[Sequence[int]],
-    closer: MarkerCloser,
-    max_new_tokens: int,
-    batch_size: int = 32,
-    progress: str | None = None,
-) -> tuple[torch.Tensor, list[list[int]], list[bool]]:
-    """Greedy reasoning that also returns the user vectors, without a second pass over the text.
-
-    The decoding loop feeds the marker's last token like any other, so its hidden state comes out of
-    the loop itself: evaluation costs one prefill instead of two. Rollouts are closed exactly as
-    `MarkerCloser.close` closes them (cut after the marker; EOS or the length limit: marker appended).
-    Returns (vectors (n, d), completion ids, whether the model wrote the marker itself).
-    """
-    device = next(model.parameters()).device
-    backbone = decoder(model)
-    head = unwrap(model).get_output_embeddings()
-    cache_kw = _cache_kwarg(backbone)
-    eos_ids = {
-        tokenizer.eos_token_id,
-        *([tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else []),
-    }
-    vectors: torch.Tensor | None = None
-    completions: list[list[int]] = [[] for _ in prompts]
-    wrote: list[bool] = [False for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for chunk in tqdm(chunks, desc=progress, disable=progress is None, unit="batch", leave=False):
-        ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
-        out = backbone(input_ids=ids, attention_mask=mask, use_cache=True)
-        cache = getattr(out, cache_kw, None) or out.past_key_values
-        hidden = out.last_hidden_state[:, -1]  # (chunk, d)
-        rows = len(chunk)
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        texts = ["" for _ in range(rows)]
-        forced: list[list[int]] = [[] for _ in range(rows)]
-        closing = [False] * rows  # the token fed now completes the marker
-        appended = [False] * rows  # the marker was forced in (EOS or length limit)
-        done = [False] * rows
-        result = torch.zeros((rows, hidden.size(-1)), dtype=hidden.dtype, device=device)
-        for _ in range(max_new_tokens + len(closer.marker_ids) + 1):
-            choice = head(hidden).argmax(dim=-1).tolist()
-            feed = []
-            for r in range(rows):
-                if done[r]:
-                    feed.append(tokenizer.pad_token_id)
-                    continue
-                token = forced[r].pop(0) if forced[r] else choice[r]
-                if not appended[r] and token in eos_ids:  # ended without the marker
-                    forced[r], appended[r] = list(closer.marker_ids), True
-                    token = forced[r].pop(0)
-                generated[r].append(token)
-                texts[r] += closer._piece(token)
-                if forced[r] == [] and closer.marker in texts[r][-(len(closer.marker) + 64) :]:
-                    closing[r] = True
-                elif not appended[r] and len(generated[r]) >= max_new_tokens:
-                    forced[r], appended[r] = (
-                        list(closer.marker_ids),
-                        True,
-                    )  # length limit: close with the marker
-                feed.append(token)
-            step_ids = torch.as_tensor(feed, device=device).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
-            out = backbone(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_kw: cache})
-            cache = getattr(out, cache_kw, None) or out.past_key_values
-            hidden = out.last_hidden_state[:, -1]
-            for r in range(rows):
-                if closing[r] and not done[r]:
-                    result[r] = hidden[r]
-                    done[r] = True
-            if all(done):
-                break
-        for r, index in enumerate(chunk):
-            completions[index] = generated[r]
-            wrote[index] = not appended[r]
-        if vectors is None:
-            vectors = torch.empty((len(prompts), result.size(-1)), dtype=result.dtype, device=device)
-        vectors[torch.as_tensor(chunk, device=device)] = result
-    if vectors is None:
-        raise ValueError("greedy_reason_and_encode got no prompts")
-    return vectors, completions, wrote
+        parts.append(prefill(model, [sequences[i] for i in chunk], pad_id, min_prefix).last_hidden)
+    if not parts:
+        raise ValueError("encode_shared_prefix got no sequences")
+    vectors = torch.cat(parts)  # rows in `order`
+    return vectors[torch.argsort(torch.as_tensor(order, device=device))]

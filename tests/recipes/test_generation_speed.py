@@ -11,13 +11,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import GenerationConfig
 from trl import GRPOTrainer
 
+from recipes import trainer as trainer_module
 from tests.recipes.conftest import build_tiny_model, build_trainer
 
 NEW_TOKENS = 12
 
 
 def lora_trainer(tokenizer, data_dir, output_dir, model=None, **config):
-    """A trainer on the tiny model with a non-zero adapter, sampling greedily, in train mode as TRL generates."""
+    """A trainer on the tiny model with a non-zero adapter, sampling greedily, in train mode as TRL generates.
+
+    Rollouts go through TRL's generate (fast_rollouts off) unless a test asks for RecPO's own loop.
+    """
+    config = {"fast_rollouts": False, **config}
     trainer = build_trainer(
         tokenizer,
         data_dir,
@@ -79,6 +84,29 @@ def test_merged_adapter_gives_the_same_greedy_completions(tokenizer, synthetic_d
     assert merged == unmerged
     assert merged != base  # the adapter changes the completions: the comparison above is not vacuous
     assert all(len(ids) > NEW_TOKENS // 2 for ids in merged)
+
+
+def test_the_fast_rollout_loop_also_samples_from_the_merged_adapter(
+    tokenizer, synthetic_data, tmp_path, monkeypatch
+):
+    trainer = lora_trainer(tokenizer, synthetic_data, tmp_path / "out", fast_rollouts=True)
+    seen: list[bool] = []
+    loop = trainer_module.reason_and_encode
+
+    def spy(*args, **kwargs):
+        seen.append(bool(merged_layers(trainer.model)))
+        return loop(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "reason_and_encode", spy)
+    merged = generate(trainer)
+    trainer.args.merge_adapters_for_generation = False
+    unmerged = generate(trainer)
+    trainer.args.fast_rollouts = False
+    assert generate(trainer) == merged  # TRL's generate, greedy: the same completions
+
+    assert seen == [True, False]
+    assert merged == unmerged
+    assert merged_layers(trainer.model) == []
 
 
 def test_weights_are_restored_and_unmerged_after_generation(tokenizer, synthetic_data, tmp_path, monkeypatch):
@@ -151,7 +179,9 @@ def test_active_lora_dropout_is_not_merged_in_train_mode(tokenizer, synthetic_da
 
 
 def test_model_without_adapter_generates_as_before(tokenizer, synthetic_data, tmp_path, monkeypatch):
-    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", lora=False, max_completion_length=4)
+    trainer = build_trainer(
+        tokenizer, synthetic_data, tmp_path / "out", lora=False, max_completion_length=4, fast_rollouts=False
+    )
     seen = watch_merges(monkeypatch)
     assert trainer._peft_model_to_merge() is None
     assert len(generate(trainer)) == 3

@@ -318,3 +318,44 @@ def test_logq_correction_subtracts_log_target_frequency_from_both_item_losses(
             scores / args.similarity_temperature - log_q[columns], inverse[::2]
         )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- shared-prompt forward
+
+
+def test_shared_prompt_forward_gives_trls_loss_and_gradients_from_fewer_tokens(
+    tokenizer, synthetic_data, tmp_path
+):
+    results = {}
+    for shared in (True, False):
+        trainer = build_trainer(
+            tokenizer,
+            synthetic_data,
+            tmp_path / str(shared),
+            random_lora_b=True,
+            shared_prompt_forward=shared,
+        )
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        batch = with_shifted_old_logps(trainer, hand_made_batch(trainer))
+        seen = []  # tokens the final norm processes: what the forward pays for
+        handle = trainer.model.get_base_model().model.norm.register_forward_hook(
+            lambda _m, _i, out, seen=seen: seen.append(out.shape[0] * out.shape[1])
+        )
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, batch)
+        handle.remove()
+        loss.backward()
+        results[shared] = (loss.item(), lora_grads(trainer.model), sum(seen), trainer._metrics["train"])
+    (loss, grads, tokens, metrics), (trl_loss, trl_grads, trl_tokens, trl_metrics) = (
+        results[True],
+        results[False],
+    )
+    assert loss == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+    assert grads.keys() == trl_grads.keys() and grads
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-3, msg=name)
+    assert metrics["entropy"][-1] == pytest.approx(trl_metrics["entropy"][-1], rel=1e-5)
+    assert metrics["item_loss"][-1] == pytest.approx(trl_metrics["item_loss"][-1], abs=1e-6)
+    # 2 users x 2 rollouts: the prompts (about 140 tokens each here) ran twice, not four times.
+    assert tokens < 0.65 * trl_tokens

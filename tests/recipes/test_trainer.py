@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from recipes import recpo
+from recipes import trainer as trainer_module
 from recipes.evaluation import build_item_index, cosine_scores
 from recipes.vectors import encode_sequences
 from rewards import ndcg, softmax
@@ -87,7 +88,10 @@ def rollout_sequences(output: dict) -> list[list[int]]:
     return [p[m.bool()].tolist() + c[cm.bool()].tolist() for p, m, c, cm in rows]
 
 
-def test_advantages_are_recpo_group_advantages_of_the_fused_reward(tokenizer, synthetic_data, tmp_path):
+@pytest.mark.parametrize("fast_rollouts", [True, False])
+def test_advantages_are_recpo_group_advantages_of_the_fused_reward(
+    tokenizer, synthetic_data, tmp_path, monkeypatch, fast_rollouts
+):
     trainer = build_trainer(
         tokenizer,
         synthetic_data,
@@ -97,11 +101,16 @@ def test_advantages_are_recpo_group_advantages_of_the_fused_reward(tokenizer, sy
         relabel_topk=2,
         advantage_kind="leave_one_out",  # differs from TRL's own (r - mean) / std
         temperature=4.0,
+        fast_rollouts=fast_rollouts,
     )
+    calls = []  # which path sampled the rollouts: RecPO's loop, or TRL's generate
+    loop = trainer_module.reason_and_encode
+    monkeypatch.setattr(trainer_module, "reason_and_encode", lambda *a, **k: calls.append(1) or loop(*a, **k))
     trainer.model.train()
     rows = [trainer.train_dataset[i] for i in (0, 1)]
     inputs = [dict(row) for row in rows for _ in range(4)]  # distinct dicts, as TRL's dataloader yields
     output = trainer._generate_and_score_completions(inputs)
+    assert len(calls) == int(fast_rollouts)
 
     # Independently: user vectors of prompt + completion, a freshly built index, the rewards of rewards/.
     model = trainer.model
@@ -134,6 +143,17 @@ def test_advantages_are_recpo_group_advantages_of_the_fused_reward(tokenizer, sy
     for g in range(2):
         assert grouped[g][relabel[g]].min() >= grouped[g][~relabel[g]].max()
     assert output["target_index"].tolist() == columns["target"]
+
+
+def test_active_dropout_sends_rollouts_to_generate(tokenizer, synthetic_data, tmp_path, caplog):
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out")
+    trainer.model.get_base_model().model.layers[0].mlp.register_module("drop", torch.nn.Dropout(0.1))
+    trainer.model.train()
+    with caplog.at_level("INFO", logger="recipes.trainer"):
+        assert trainer._fast_rollout_sampling(None, {})[0] is False
+        trainer.model.eval()
+        assert trainer._fast_rollout_sampling(None, {})[0] is True  # eval mode: the dropout is off
+    assert "disable_dropout" in caplog.text
 
 
 @pytest.mark.parametrize("fresh_targets", [False, True])

@@ -11,15 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recipes.decoding import reason_and_encode
 from recipes.evaluation import greedy_reasoning, render_user_prompt
 from recipes.vectors import (
     MarkerCloser,
     capture_final_hidden,
     encode_sequences,
     encode_shared_prefix,
-    greedy_reason_and_encode,
     last_token_hidden,
     left_pad,
+    prefill,
 )
 from tests.recipes.conftest import chain_model
 
@@ -167,9 +168,7 @@ def test_greedy_reason_and_encode_matches_generate_and_encode_sequences(tokenize
     prompts = [history + [s] for s in starts[:2]] + [history[:1] + [s] for s in starts[2:]]  # ragged
     max_new = 8
 
-    vectors, completions, wrote = greedy_reason_and_encode(
-        model, tokenizer, prompts, closer, max_new, batch_size=4
-    )
+    vectors, completions, wrote = reason_and_encode(model, tokenizer, prompts, closer, max_new, batch_size=4)
     generated, found = greedy_reasoning(model, tokenizer, prompts, closer, max_new, batch_size=4)
 
     cut = space_marker.index(marker[-1]) + 1
@@ -192,9 +191,7 @@ def test_greedy_reason_and_encode_on_a_random_model_equals_encode_sequences(tiny
         render_user_prompt(tokenizer, [{"role": "user", "content": c}], True, MARKER)
         for c in ("Recommend me a film.", "I watched Heat and Alien; what next?", "hi")
     ]
-    vectors, completions, wrote = greedy_reason_and_encode(
-        tiny_model, tokenizer, prompts, closer, 6, batch_size=2
-    )
+    vectors, completions, wrote = reason_and_encode(tiny_model, tokenizer, prompts, closer, 6, batch_size=2)
     generated, found = greedy_reasoning(tiny_model, tokenizer, prompts, closer, 6, batch_size=2)
     assert completions == generated
     assert found == wrote
@@ -204,3 +201,41 @@ def test_greedy_reason_and_encode_on_a_random_model_equals_encode_sequences(tiny
             tiny_model, [p + c for p, c in zip(prompts, completions, strict=True)], tokenizer.pad_token_id
         )
     torch.testing.assert_close(vectors, expected, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def test_prefill_of_repeated_prompts_equals_a_plain_forward_in_values_and_gradients(tiny_model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        ),
+    )
+    chats = ["I liked Heat and Alien.", "Only comedies, please", "x"]
+    prompts = [render_user_prompt(tokenizer, [{"role": "user", "content": c}], True, MARKER) for c in chats]
+    rows = [prompts[1], prompts[0], prompts[1], prompts[2], prompts[0]]  # repeats, out of order
+    weights = torch.randn(len(rows), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def run(encode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        vectors = encode()
+        (vectors * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return vectors.detach(), grads
+
+    with torch.no_grad(), capture_final_hidden(model) as capture:
+        state = prefill(model, rows, tokenizer.pad_token_id)
+    # Positions the backbone ran: the shared opening once, then each distinct prompt's rest (padded), once.
+    ran = sum(h.shape[0] * h.shape[1] for h in capture.outputs)
+    assert ran < sum(len(p) for p in prompts) < sum(len(p) for p in rows)
+    shared, shared_grads = run(lambda: prefill(model, rows, tokenizer.pad_token_id).last_hidden)
+    plain, plain_grads = run(lambda: last_token_hidden(model, *left_pad(rows, tokenizer.pad_token_id)))
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+    assert shared_grads.keys() == plain_grads.keys() and any("lora_A" in n for n in shared_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+    assert state.next_position.tolist() == [len(p) for p in rows]
