@@ -5,7 +5,10 @@
 
 Both rank the full catalog for every valid/test sample with the sample's history masked out (the target
 never is), and compute Hit@K/NDCG@K with `rewards.ranking`, the same definitions the trainer uses.
-`--out` writes `{"valid": {"hit@5": ...}, "test": {...}}`, the shape of the trainer's results file.
+`--out` writes `{"valid": {"hit@5": ...}, "test": {...}, "per_user": {...}}`, the shape of the trainer's
+results file: "per_user" holds each scored user's row index in the split and target rank (the contract
+is in `recipes/intervals.py`), so `recipes.report` can pair the baseline with a model on the same users.
+The printed table shows every metric with its 95% bootstrap interval over users.
 
 - popularity: every item is scored by how often it is a *train sample's target*. Each interaction
   after a user's first is exactly one sample's target, so this counts every train-period interaction
@@ -28,11 +31,21 @@ import torch
 from datasets import DatasetDict, load_from_disk
 
 from recipes.evaluation import sample_indices
+from recipes.intervals import (
+    KS,
+    LEVEL,
+    MEAN_RANK,
+    PerUser,
+    bootstrap_intervals,
+    format_interval,
+    per_user_record,
+)
 from recipes.sasrec import SASRec, SASRecConfig, TrainConfig, fit, score_histories
 from rewards.ranking import history_mask, ranking_metrics, target_rank
 
 SPLITS = ("train", "valid", "test", "items")
 ScoreFn = Callable[[list[list[int]]], torch.Tensor]  # histories -> (users, items) scores
+Results = dict[str, dict[str, float]]  # split -> metric -> value
 
 
 @dataclass
@@ -65,6 +78,11 @@ class Split:
 
     histories: list[list[int]]
     targets: list[int]
+    # Row of each sample in its dataset split; None: all rows in order (0, 1, ...).
+    sample_index: list[int] | None = None
+
+    def indices(self) -> list[int]:
+        return list(range(len(self.targets))) if self.sample_index is None else self.sample_index
 
 
 def load_dataset_dir(path: str | Path) -> DatasetDict:
@@ -98,15 +116,34 @@ def get_split(dsd: DatasetDict, name: str) -> Split:
     return split
 
 
-def evaluate(score_fn: ScoreFn, split: Split, num_items: int, batch_size: int = 1024) -> dict[str, float]:
-    """Full-catalog Hit@K/NDCG@K of `score_fn` on a split, history masked, in batches of users."""
+def split_ranks(score_fn: ScoreFn, split: Split, num_items: int, batch_size: int = 1024) -> torch.Tensor:
+    """(users,) full-catalog rank of each target under `score_fn`, history masked, in batches of users."""
     ranks = []
     for start in range(0, len(split.targets), batch_size):
         histories = split.histories[start : start + batch_size]
         scores = score_fn(histories)  # (batch, items)
         exclude = history_mask(histories, num_items, device=scores.device)  # (batch, items)
         ranks.append(target_rank(scores, split.targets[start : start + batch_size], exclude=exclude))
-    return ranking_metrics(torch.cat(ranks))
+    return torch.cat(ranks)
+
+
+def evaluate(score_fn: ScoreFn, split: Split, num_items: int, batch_size: int = 1024) -> dict[str, float]:
+    """Full-catalog Hit@K/NDCG@K of `score_fn` on a split, history masked, in batches of users."""
+    return ranking_metrics(split_ranks(score_fn, split, num_items, batch_size))
+
+
+def score_splits(
+    score_fn: ScoreFn, dsd: DatasetDict, splits: Sequence[str], args: BaselineArgs
+) -> tuple[Results, dict[str, PerUser]]:
+    """Metrics and per-user ranks (with each user's row in the split) of `score_fn` on each split."""
+    num_items = len(dsd["items"])
+    results, per_user = {}, {}
+    for name in splits:
+        split = scored_split(dsd, name, args)
+        ranks = split_ranks(score_fn, split, num_items, args.eval_batch_size)
+        results[name] = ranking_metrics(ranks, ks=KS)
+        per_user[name] = per_user_record(split.indices(), ranks)
+    return results, per_user
 
 
 def popularity_scores(train: Split, num_items: int) -> torch.Tensor:
@@ -116,23 +153,25 @@ def popularity_scores(train: Split, num_items: int) -> torch.Tensor:
 
 def run_popularity(
     dsd: DatasetDict, splits: Sequence[str], args: BaselineArgs
-) -> dict[str, dict[str, float]]:
+) -> tuple[Results, dict[str, PerUser]]:
     num_items = len(dsd["items"])
     counts = popularity_scores(get_split(dsd, "train"), num_items)  # (items,)
 
     def score_fn(histories: list[list[int]]) -> torch.Tensor:
         return counts.expand(len(histories), -1)  # the same vector for every user
 
-    return {
-        s: evaluate(score_fn, scored_split(dsd, s, args), num_items, args.eval_batch_size) for s in splits
-    }
+    return score_splits(score_fn, dsd, splits, args)
 
 
 def scored_split(dsd: DatasetDict, name: str, args: BaselineArgs) -> Split:
     """The split as scored for the report: all of it, or the seeded subset of --max-users."""
     split = get_split(dsd, name)
     keep = sample_indices(len(split.targets), args.max_users, args.seed)
-    return Split(histories=[split.histories[i] for i in keep], targets=[split.targets[i] for i in keep])
+    return Split(
+        histories=[split.histories[i] for i in keep],
+        targets=[split.targets[i] for i in keep],
+        sample_index=keep,
+    )
 
 
 def run_sasrec(
@@ -141,7 +180,7 @@ def run_sasrec(
     args: BaselineArgs,
     model_cfg: SASRecConfig,
     train_cfg: TrainConfig,
-) -> dict[str, dict[str, float]]:
+) -> tuple[Results, dict[str, PerUser]]:
     """Train SASRec on train, early-stop on valid NDCG@10, score the requested splits with the best state."""
     torch.manual_seed(args.seed)
     num_items = len(dsd["items"])
@@ -156,16 +195,37 @@ def run_sasrec(
 
     best, epoch = fit(model, train.histories, train.targets, train_cfg, validate, seed=args.seed)
     print(f"sasrec: best valid ndcg@10 {best:.4f} at epoch {epoch}", file=sys.stderr)
-    return {
-        s: evaluate(score_fn, scored_split(dsd, s, args), num_items, args.eval_batch_size) for s in splits
-    }
+    return score_splits(score_fn, dsd, splits, args)
 
 
-def format_table(results: dict[str, dict[str, float]], title: str) -> str:
-    """A fixed-width table, one row per split, one column per metric."""
+def format_table(results: Results, title: str, per_user: dict[str, PerUser] | None = None) -> str:
+    """A fixed-width table, one row per split, one column per metric.
+
+    With per-user ranks: one row per metric (mean rank included), one column per split, each cell the
+    value and its 95% bootstrap interval over users.
+    """
+    if per_user:
+        return interval_table(results, title, per_user)
     metrics = list(next(iter(results.values())))
     lines = [title, f"{'split':<8}" + "".join(f"{m:>10}" for m in metrics)]
     lines += [f"{s:<8}" + "".join(f"{v[m]:>10.4f}" for m in metrics) for s, v in results.items()]
+    return "\n".join(lines)
+
+
+def interval_table(results: Results, title: str, per_user: dict[str, PerUser]) -> str:
+    """Rows of metrics, columns of splits (those with per-user ranks), cells `value [low, high]`."""
+    splits = [s for s in results if s in per_user]
+    intervals = {s: bootstrap_intervals(per_user[s]["rank"]) for s in splits}
+    metrics = [*next(iter(results.values())), MEAN_RANK]
+    headers = [f"{s} ({len(per_user[s]['rank'])} users)" for s in splits]
+    lines = [
+        f"{title}; {LEVEL:.0%} bootstrap intervals over users",
+        f"{'metric':<11}" + "".join(f"{h:<26}" for h in headers).rstrip(),
+    ]
+    for metric in metrics:
+        label = "mean rank" if metric == MEAN_RANK else metric
+        cells = [format_interval(intervals[s][metric], metric) for s in splits]
+        lines.append(f"{label:<11}" + "".join(f"{c:<26}" for c in cells).rstrip())
     return "\n".join(lines)
 
 
@@ -199,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Score the baseline; returns what `--out` holds: the metrics per split and "per_user"."""
     ns = build_parser().parse_args(argv)
     args = _from_namespace(BaselineArgs, ns)
     splits = {"both": ("valid", "test"), "valid": ("valid",), "test": ("test",)}.get(args.split)
@@ -211,17 +272,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         if ns.method == "popularity":
-            results = run_popularity(dsd, splits, args)
+            results, per_user = run_popularity(dsd, splits, args)
         else:
             model_cfg, train_cfg = _from_namespace(SASRecConfig, ns), _from_namespace(TrainConfig, ns)
-            results = run_sasrec(dsd, splits, args, model_cfg, train_cfg)
+            results, per_user = run_sasrec(dsd, splits, args, model_cfg, train_cfg)
     finally:
         torch.set_num_threads(threads)  # main() is also called in-process (tests, notebooks)
-    print(format_table(results, f"{ns.method} on {args.data} ({time.perf_counter() - start:.1f} s)"))
+    title = f"{ns.method} on {args.data} ({time.perf_counter() - start:.1f} s)"
+    print(format_table(results, title, per_user))
+    document = {**results, "per_user": per_user}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+    return document
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@
 default (see `recipes/loading.py`). Each user gets greedy reasoning closed by the answer marker (or, with
 `--no-reasoning`, the marker right after the prompt); the hidden state there is scored against every
 catalog item with cos / tau, and the target's rank gives the metrics of `rewards.ranking`, the same
-definitions as the trainer and `recipes.baselines`. `--out` writes `{"<split>": {"hit@5": ...}}`, the
-shape of the trainer's results file, which `recipes.report` reads. The traces file holds one JSON line per
-user: user id, history titles, the reasoning, the target title, its rank and the top-10 with scores.
+definitions as the trainer and `recipes.baselines`. The printed table gives each metric's 95% bootstrap
+interval over users. `--out` writes `{"<split>": {"hit@5": ...}, "per_user": {"<split>": {"sample_index":
+[...], "rank": [...]}}}`, the shape of the trainer's results file, which `recipes.report` reads: each
+scored user's row in the split (the seeded `--max-users` subset pairs up with the trainer's and the
+baselines') and the target's rank (contract: `recipes/intervals.py`). The traces file holds one JSON line
+per user: user id, history titles, the reasoning, the target title, its rank and the top-10 with scores.
 The item index is reused when it belongs to the same weights and catalog, rebuilt otherwise (how it is
 decided: `recipes/loading.py`).
 """
@@ -31,6 +34,7 @@ from datasets import Dataset
 
 from recipes.baselines import format_table, load_dataset_dir
 from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt, sample_indices
+from recipes.intervals import per_user_record
 from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference
 from recipes.modeling import EMBEDDED_MODEL
 from recipes.vectors import MarkerCloser
@@ -127,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         default=None,
-        help='Write the metrics here as JSON: {"<split>": {"hit@5": ...}} (default: none).',
+        help='Write the metrics here as JSON: {"<split>": {"hit@5": ...}, "per_user": {"<split>": '
+        '{"sample_index": [...], "rank": [...]}}} (default: none).',
     )
     parser.add_argument(
         "--traces",
@@ -200,7 +205,8 @@ def setup_logging() -> None:
     logging.getLogger("recipes").setLevel(logging.INFO)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Evaluate; returns what `--out` holds: `{"<split>": metrics, "per_user": {"<split>": ...}}`."""
     args = build_parser().parse_args(argv)
     setup_logging()
     check_positive(args, ["max_users", "batch_size", "item_batch_size", "max_new_tokens", "tau"])
@@ -209,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     torch.manual_seed(args.seed)
     data = load_dataset_dir(args.data)
     items = data["items"]
-    rows = select_rows(data[args.split], args.max_users, args.seed)
+    indices = sample_indices(len(data[args.split]), args.max_users, args.seed)
+    rows = data[args.split].select(indices).to_list()  # what select_rows draws, with the row indices kept
     if not rows:
         raise SystemExit(f"error: --data {args.data}: the {args.split} split is empty")
 
@@ -241,13 +248,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         progress=f"eval {args.split}",
     )
     results = {args.split: result.metrics()}
+    per_user = {args.split: per_user_record(indices, result.ranks)}
     elapsed = time.perf_counter() - start
     mode = "reasoning" if args.reasoning else "no reasoning"
-    print(
-        format_table(
-            results, f"{loaded.description} on {args.data}, {len(rows)} users, {mode} ({elapsed:.1f} s)"
-        )
-    )
+    title = f"{loaded.description} on {args.data}, {len(rows)} users, {mode} ({elapsed:.1f} s)"
+    print(format_table(results, title, per_user))
     if args.reasoning:
         written = sum(result.marker_found) / len(rows)
         print(f"answer marker written by the model itself: {written:.1%} of users", file=sys.stderr)
@@ -255,11 +260,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     traces = Path(args.traces) if args.traces else default_traces_path(args.out, args.split)
     write_jsonl(traces, trace_records(rows, result, list(items["title"])))
     print(f"traces: {traces}", file=sys.stderr)
+    document = {**results, "per_user": per_user}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
         print(f"metrics: {args.out}", file=sys.stderr)
-    return results
+    return document
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ Each PATH is a results JSON (`{"valid": {"hit@5": ...}, "test": {...}}`, as writ
 `recipes.baselines` and `recipes.evaluate`) or a training output folder holding `results.json` and the
 HF Trainer's `trainer_state.json` (its `log_history` feeds the training curves). Writes
 `OUT/report.md`, `OUT/training_curves.png` and `OUT/final_metrics.png`.
+
+A results file that carries per-user ranks (the `"per_user"` key, contract in `recipes/intervals.py`)
+gets 95% bootstrap intervals and a mean-rank column in the tables, and the main run is compared with
+every other run on the users both scored (matched by `sample_index`) with paired intervals; a training
+folder whose `results_before.json` has per-user ranks adds the main run's paired before -> after change.
+Files without per-user ranks are reported as before, with values only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from recipes.intervals import (  # noqa: E402
+    LEVEL,
+    MEAN_RANK,
+    RESAMPLES,
+    Interval,
+    PerUser,
+    align_by_sample_index,
+    bootstrap_intervals,
+    check_per_user,
+    format_interval,
+    format_value,
+    paired_differences,
+)
+
 SPLITS = ("valid", "test")
 # (log key, panel title): what the RecPO trainer logs, in the order the panels are drawn.
 CURVES = (
@@ -37,6 +57,11 @@ CURVES = (
 )
 
 Results = dict[str, dict[str, float]]  # split -> metric -> value
+PerUserSplits = dict[str, PerUser]  # split -> {"sample_index": [...], "rank": [...]}
+Intervals = dict[str, dict[str, dict[str, Interval]]]  # run -> split -> metric -> interval
+# The paired comparison's columns: the metric that moves first, then the headline ones.
+PAIRED_METRICS = (MEAN_RANK, "hit@20", "ndcg@10", "ndcg@20")
+BEFORE_FILE = "results_before.json"
 
 
 class ReportError(ValueError):
@@ -49,6 +74,9 @@ class Run:
     source: Path
     results: Results
     log_history: list[dict[str, Any]] | None = field(default=None)
+    per_user: PerUserSplits = field(default_factory=dict)
+    # The untrained model's per-user ranks, from a training folder's results_before.json.
+    per_user_before: PerUserSplits = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- loading
@@ -83,6 +111,19 @@ def parse_results(data: Any, path: Path) -> Results:
     return results
 
 
+def parse_per_user(data: Any, path: Path) -> PerUserSplits:
+    """The file's "per_user" ranks of the splits it scored; {} when it has none (files written before them)."""
+    per_user = data.get("per_user") if isinstance(data, dict) else None
+    if per_user is None:
+        return {}
+    if not isinstance(per_user, dict):
+        raise ReportError(f"{path}: 'per_user' must map split names to per-user ranks")
+    try:
+        return {s: check_per_user(per_user[s], f"{path}: per_user.{s}") for s in SPLITS if s in per_user}
+    except ValueError as err:
+        raise ReportError(str(err)) from err
+
+
 def parse_log_history(data: Any, path: Path) -> list[dict[str, Any]]:
     history = data.get("log_history") if isinstance(data, dict) else None
     if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
@@ -100,7 +141,8 @@ def find_trainer_state(folder: Path) -> Path | None:
 
 def load_run(name: str, path: Path) -> Run:
     if path.is_file():
-        return Run(name, path, parse_results(read_json(path), path))
+        data = read_json(path)
+        return Run(name, path, parse_results(data, path), per_user=parse_per_user(data, path))
     if not path.is_dir():
         raise ReportError(
             f"run '{name}': {path} does not exist (expected a results JSON or a training folder)"
@@ -108,7 +150,11 @@ def load_run(name: str, path: Path) -> Run:
     results_path = path / "results.json"
     if not results_path.is_file():
         raise ReportError(f"run '{name}': {path} has no results.json (expected a training output folder)")
-    run = Run(name, path, parse_results(read_json(results_path), results_path))
+    data = read_json(results_path)
+    run = Run(name, path, parse_results(data, results_path), per_user=parse_per_user(data, results_path))
+    before_path = path / BEFORE_FILE
+    if before_path.is_file():
+        run.per_user_before = parse_per_user(read_json(before_path), before_path)
     state = find_trainer_state(path)
     if state is not None:
         run.log_history = parse_log_history(read_json(state), state)
@@ -154,14 +200,50 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def results_table(runs: Sequence[Run], split: str, metrics: Sequence[str]) -> list[str]:
-    best = {m: max((r.results.get(split, {}).get(m, -math.inf) for r in runs), default=None) for m in metrics}
-    lines = ["| run | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+def run_intervals(runs: Sequence[Run]) -> Intervals:
+    """95% bootstrap intervals of every run and split that has per-user ranks."""
+    return {r.name: {s: bootstrap_intervals(rec["rank"]) for s, rec in r.per_user.items()} for r in runs}
+
+
+def _cell(value: float | None, metric: str, bold: bool, interval: Interval | None) -> str:
+    if value is None:
+        return "–"
+    text = format_value(value, metric)
+    text = f"**{text}**" if bold else text
+    if interval is None:
+        return text
+    return f"{text} [{format_value(interval.low, metric)}, {format_value(interval.high, metric)}]"
+
+
+def results_table(
+    runs: Sequence[Run], split: str, metrics: Sequence[str], intervals: Intervals | None = None
+) -> list[str]:
+    """One row per run: each metric's value (best in bold) and, with per-user ranks, its 95% interval.
+
+    With per-user ranks the value shown is their mean, the centre of the interval beside it (the file's own
+    figure is the same number when the file is well formed). The mean rank column (lowest is best)
+    appears when some run has per-user ranks for the split.
+    """
+    intervals = intervals or {}
+    with_rank = any(split in intervals.get(r.name, {}) for r in runs)
+    columns = [*metrics, MEAN_RANK] if with_rank else list(metrics)
+
+    def value(run: Run, metric: str) -> float | None:
+        interval = intervals.get(run.name, {}).get(split, {}).get(metric)
+        return run.results.get(split, {}).get(metric) if interval is None else interval.value
+
+    best = {}
+    for m in columns:
+        scored = [v for v in (value(r, m) for r in runs) if v is not None]
+        best[m] = (min if m == MEAN_RANK else max)(scored, default=None)
+    header = ["mean rank" if m == MEAN_RANK else m for m in columns]
+    lines = ["| run | " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
     for run in runs:
         cells = []
-        for m in metrics:
-            value = run.results.get(split, {}).get(m)
-            cells.append(f"**{_fmt(value)}**" if value is not None and value == best[m] else _fmt(value))
+        for m in columns:
+            v = value(run, m)
+            interval = intervals.get(run.name, {}).get(split, {}).get(m)
+            cells.append(_cell(v, m, v is not None and v == best[m], interval))
         lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -182,14 +264,91 @@ def improvement_table(runs: Sequence[Run], main: Run, metrics: Sequence[str]) ->
     return lines
 
 
+def _difference_cell(interval: Interval, metric: str) -> str:
+    text = format_interval(interval, metric, signed=True)
+    return f"**{text}**" if interval.excludes_zero() else text
+
+
+def paired_row(split: str, label: str, a: PerUser, b: PerUser) -> str | None:
+    """A table row of b - a on the users both scored; None when they share none."""
+    aligned = align_by_sample_index(a, b)
+    if aligned.common == 0:
+        return None
+    changes = paired_differences(aligned.ranks_a, aligned.ranks_b)
+    cells = [_difference_cell(changes[m], m) for m in PAIRED_METRICS]
+    return f"| {split} | {label} | {aligned.common} | " + " | ".join(cells) + " |"
+
+
+def paired_comparisons(runs: Sequence[Run], main: Run) -> tuple[list[str], list[str]]:
+    """Table rows of main - other per split (and main after - before), and notes on what was skipped."""
+    rows, notes = [], []
+    for split in SPLITS:
+        if split not in main.per_user:
+            continue
+        pairs = []  # (label, the other side's ranks, who it is in a note when no user is shared)
+        if split in main.per_user_before:
+            pairs.append((f"{main.name} after - before", main.per_user_before[split], "before training"))
+        for other in runs:
+            if other.name == main.name:
+                continue
+            if split in other.per_user:
+                pairs.append((f"{main.name} - {other.name}", other.per_user[split], other.name))
+            else:
+                notes.append(f"{other.name} on {split}: no per-user ranks, not compared")
+        for label, a, who in pairs:
+            row = paired_row(split, label, a, main.per_user[split])
+            if row is None:
+                notes.append(f"{who} on {split}: no user in common with {main.name}")
+            else:
+                rows.append(row)
+    return rows, notes
+
+
+def paired_section(runs: Sequence[Run], main: Run) -> list[str]:
+    """Paired differences main - other per split (and main after - before), with the users they share."""
+    if not main.per_user:
+        return [
+            f"`{main.name}` has no per-user ranks (its results file predates them), so there is no paired "
+            "comparison; evaluate it again to get them.",
+            "",
+        ]
+    rows, notes = paired_comparisons(runs, main)
+    out = [
+        "Each difference is computed on the users both sides scored (matched by `sample_index`), with a "
+        f"{LEVEL:.0%} paired bootstrap interval over those users ({RESAMPLES} resamples); bold: the interval "
+        "excludes 0. "
+        "Positive Hit/NDCG and negative mean rank differences favour the first side.",
+        "",
+    ]
+    if rows:
+        header = " | ".join("mean rank" if m == MEAN_RANK else m for m in PAIRED_METRICS)
+        out += [
+            f"| split | comparison | users | {header} |",
+            "|---|---|---:|" + "---:|" * len(PAIRED_METRICS),
+        ]
+        out += [*rows, ""]
+    else:
+        out += ["Nothing to compare: no other scoring of the same users.", ""]
+    if notes:
+        out += [*(f"- {note}" for note in notes), ""]
+    return out
+
+
 def render_markdown(runs: Sequence[Run], main: str) -> str:
     metrics = metric_names(runs)
+    intervals = run_intervals(runs)
     out = ["# Recommendation results", "", "Runs:", ""]
     out += [f"- **{r.name}**: `{r.source}`" for r in runs]
-    out += ["", "Full-catalog ranking, history items masked; best value per column in bold.", ""]
+    out += ["", "Full-catalog ranking, history items masked; best value per column in bold."]
+    if any(intervals.values()):
+        out += [
+            f"Runs with per-user ranks show `value [low, high]`: the {LEVEL:.0%} percentile bootstrap interval "
+            f"over users ({RESAMPLES} resamples); mean rank is the target's average 1-based rank (lower is better)."
+        ]
+    out += [""]
     for split in SPLITS:
         if any(split in r.results for r in runs):
-            out += [f"## {split}", "", *results_table(runs, split, metrics), ""]
+            out += [f"## {split}", "", *results_table(runs, split, metrics, intervals), ""]
     main_run = next((r for r in runs if r.name == main), None)
     out += [f"## {main} against the best baseline", ""]
     if main_run is None:
@@ -199,6 +358,8 @@ def render_markdown(runs: Sequence[Run], main: str) -> str:
     else:
         out += ["Relative improvement = (main - best baseline) / best baseline, per split and metric.", ""]
         out += [*improvement_table(runs, main_run, metrics), ""]
+    if main_run is not None:
+        out += ["## Paired comparison on the same users", "", *paired_section(runs, main_run)]
     out += ["![training curves](training_curves.png)", "", "![final metrics](final_metrics.png)", ""]
     return "\n".join(out)
 

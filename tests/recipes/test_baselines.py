@@ -76,9 +76,37 @@ def test_popularity_matches_hand_computed_metrics(popularity_data, tmp_path):
     assert json.loads(out.read_text()) == results
 
 
+def test_popularity_out_file_holds_each_users_row_and_rank(popularity_data, tmp_path):
+    out = tmp_path / "pop.json"
+    baselines.main(["popularity", "--data", str(popularity_data), "--out", str(out)])
+    per_user = json.loads(out.read_text())["per_user"]
+    assert per_user == {
+        "valid": {"sample_index": [0], "rank": [1]},
+        "test": {"sample_index": [0, 1, 2], "rank": [1, 6, 3]},  # the hand-computed ranks above
+    }
+
+
+def test_max_users_per_user_indices_are_the_seeded_subset_rows(popularity_data):
+    from recipes.evaluation import sample_indices
+
+    results = baselines.main(
+        ["popularity", "--data", str(popularity_data), "--max-users", "2", "--seed", "3"]
+    )
+    test = results["per_user"]["test"]
+    assert test["sample_index"] == sample_indices(3, 2, 3) == [0, 2]  # rows 0 and 2, not the first two
+    assert test["rank"] == [1, 3]  # their ranks in the full split
+
+
+def test_popularity_table_prints_intervals(popularity_data, capsys):
+    baselines.main(["popularity", "--data", str(popularity_data), "--split", "test"])
+    printed = capsys.readouterr().out
+    assert "95% bootstrap intervals over users" in printed and "test (3 users)" in printed
+    assert "mean rank  3.3 [" in printed  # ranks 1, 6, 3
+
+
 def test_popularity_split_option_scores_only_that_split(popularity_data):
     results = baselines.main(["popularity", "--data", str(popularity_data), "--split", "test"])
-    assert list(results) == ["test"]
+    assert set(results) == {"test", "per_user"} and list(results["per_user"]) == ["test"]
 
 
 def test_popularity_counts_only_train_targets():

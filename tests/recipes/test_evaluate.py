@@ -110,7 +110,7 @@ def test_evaluate_writes_metrics_json_and_well_formed_traces(model_dir, data_dir
         + ["--out", str(out), *FAST]
     )
     written = json.loads(out.read_text())
-    assert written == results and set(written) == {"test"} and set(written["test"]) == METRICS
+    assert written == results and set(written) == {"test", "per_user"} and set(written["test"]) == METRICS
     assert all(0.0 <= v <= 1.0 for v in written["test"].values())
 
     items = catalog(data_dir)
@@ -131,6 +131,25 @@ def test_evaluate_writes_metrics_json_and_well_formed_traces(model_dir, data_dir
             assert recommended[trace["rank"] - 1] == trace["target"]
 
 
+def test_evaluate_out_file_holds_the_seeded_subset_rows_and_their_ranks(
+    model_dir, data_dir, tmp_path, index_cache, capsys
+):
+    from recipes.evaluation import sample_indices
+
+    out = tmp_path / "tiny.json"
+    evaluate.main(
+        ["--model", str(model_dir), "--data", str(data_dir), "--split", "valid", "--max-users", "5"]
+        + ["--seed", "7", "--no-reasoning", "--out", str(out), *FAST]
+    )
+    per_user = json.loads(out.read_text())["per_user"]
+    assert list(per_user) == ["valid"]
+    assert per_user["valid"]["sample_index"] == sample_indices(split_size(data_dir, "valid"), 5, 7)
+    traces = read_lines(tmp_path / "tiny_traces_valid.jsonl")
+    assert per_user["valid"]["rank"] == [t["rank"] for t in traces]  # the same users, in the same order
+    printed = capsys.readouterr().out
+    assert "95% bootstrap intervals over users" in printed and "valid (5 users)" in printed
+
+
 def test_evaluate_without_reasoning_writes_traces_in_the_working_folder(
     model_dir, data_dir, tmp_path, index_cache, monkeypatch
 ):
@@ -139,7 +158,7 @@ def test_evaluate_without_reasoning_writes_traces_in_the_working_folder(
         ["--model", str(model_dir), "--data", str(data_dir), "--split", "valid", "--no-reasoning", *FAST]
     )
     traces = read_lines(tmp_path / "traces_valid.jsonl")
-    assert set(results) == {"valid"} and len(traces) == split_size(data_dir, "valid")
+    assert set(results) == {"valid", "per_user"} and len(traces) == split_size(data_dir, "valid")
     assert all(t["reasoning"] == "" for t in traces)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from recipes import report
+from rewards.ranking import ranking_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -143,3 +146,95 @@ def test_trainer_state_falls_back_to_latest_checkpoint(tmp_path):
         )
     (run / "results.json").write_text(json.dumps({"test": metrics(1.0)}))
     assert report.load_run("x", run).log_history == [{"step": 10}]
+
+
+# ---------------------------------------------------------------- per-user ranks: intervals and pairing
+
+
+def per_user(indices: list[int], ranks: list[int]) -> dict:
+    return {"sample_index": indices, "rank": ranks}
+
+
+def scored(indices: list[int], ranks: list[int]) -> dict:
+    """A results file as the tools write it: the metrics of the ranks on test, and the ranks themselves."""
+    return {"test": ranking_metrics(torch.tensor(ranks)), "per_user": {"test": per_user(indices, ranks)}}
+
+
+@pytest.fixture
+def paired_runs(tmp_path):
+    """popularity ranks every target 30th on test rows 0-9; recpo ranks it 1st on rows 2-11 (8 shared);
+    recpo's untrained model ranked rows 2-11 at 40; sasrec's file predates per-user ranks."""
+    pop, sas = tmp_path / "popularity.json", tmp_path / "sasrec.json"
+    pop.write_text(json.dumps(scored(list(range(10)), [30] * 10)))
+    sas.write_text(json.dumps({"test": metrics(2.0)}))
+    recpo = tmp_path / "recpo"
+    recpo.mkdir()
+    rows = list(range(2, 12))
+    (recpo / "results.json").write_text(json.dumps(scored(rows, [1] * 10)))
+    (recpo / "results_before.json").write_text(json.dumps(scored(rows, [40] * 10)))
+    return [f"popularity={pop}", f"sasrec={sas}", f"recpo={recpo}"]
+
+
+def test_report_shows_intervals_and_mean_rank_for_runs_with_per_user_ranks(paired_runs, tmp_path):
+    text = report.main([*run_args(paired_runs), "--out", str(tmp_path / "r")]).read_text()
+    assert "| run | hit@5 | hit@10 | hit@20 | ndcg@5 | ndcg@10 | ndcg@20 | mean rank |" in text
+    # every popularity user at rank 30: hit@20 is 0 and the mean rank 30 in every resample
+    assert "| popularity | 0.0000 [0.0000, 0.0000] |" in text and "| 30.0 [30.0, 30.0] |" in text
+    assert "| sasrec | 0.2000 | 0.4000 | 0.6000 | 0.1000 | 0.1600 | 0.2000 | – |" in text  # no ranks
+    assert "| recpo | **1.0000** [1.0000, 1.0000] |" in text
+    assert "| **1.0** [1.0, 1.0] |" in text  # recpo's mean rank, the lowest, in bold
+
+
+def test_report_interval_is_centred_on_the_per_user_mean():
+    ranks = [1, 30, 1, 30]  # hit@5 0.5 on these users; the file claims 0.9
+    run = report.Run(
+        "x", Path("x.json"), {"test": {"hit@5": 0.9}}, per_user={"test": per_user([0, 1, 2, 3], ranks)}
+    )
+    row = report.results_table([run], "test", ["hit@5"], report.run_intervals([run]))[2]
+    assert row.startswith("| x | **0.5000** [") and "0.9000" not in row
+
+
+def test_report_pairs_the_main_run_with_each_run_on_their_shared_users(paired_runs, tmp_path):
+    text = report.main([*run_args(paired_runs), "--out", str(tmp_path / "r")]).read_text()
+    section = text.split("## Paired comparison on the same users")[1]
+    assert "| split | comparison | users | mean rank | hit@20 | ndcg@10 | ndcg@20 |" in section
+    # rows 2-9 are shared; recpo - popularity: rank 1 - 30 = -29, hit@20 1 - 0 = +1, every user alike
+    assert (
+        "| test | recpo - popularity | 8 | **-29.0 [-29.0, -29.0]** | **+1.0000 [+1.0000, +1.0000]** |"
+        in section
+    )
+    assert "sasrec on test: no per-user ranks, not compared" in section
+
+
+def test_report_adds_the_main_runs_paired_change_before_to_after(paired_runs, tmp_path):
+    text = report.main([*run_args(paired_runs), "--out", str(tmp_path / "r")]).read_text()
+    assert "| test | recpo after - before | 10 | **-39.0 [-39.0, -39.0]** |" in text
+
+
+def test_report_keeps_the_relative_improvement_table_beside_the_paired_one(paired_runs, tmp_path):
+    text = report.main([*run_args(paired_runs), "--out", str(tmp_path / "r")]).read_text()
+    assert "| test | hit@5 | sasrec | 0.2000 | 1.0000 | +400.00% |" in text  # recpo's hit@5 is 1
+
+
+def test_report_of_old_files_says_there_is_no_paired_comparison(runs, tmp_path):
+    text = report.main([*run_args(runs), "--out", str(tmp_path / "r")]).read_text()
+    tables = text.split("## Paired comparison on the same users")[0]
+    assert "mean rank" not in tables and " [" not in tables  # values only, as before per-user ranks
+    assert "`recpo` has no per-user ranks" in text
+
+
+def test_runs_with_no_shared_user_are_noted_not_compared(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"test": metrics(1.0), "per_user": {"test": per_user([0, 1], [3, 4])}}))
+    b.write_text(json.dumps({"test": metrics(2.0), "per_user": {"test": per_user([5, 6], [1, 2])}}))
+    text = report.main(
+        ["--run", f"recpo={a}", "--run", f"other={b}", "--out", str(tmp_path / "r")]
+    ).read_text()
+    assert "other on test: no user in common with recpo" in text
+
+
+def test_malformed_per_user_is_an_error_naming_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"test": metrics(1.0), "per_user": {"test": per_user([0, 1], [1, 0])}}))
+    with pytest.raises(SystemExit, match=r"bad\.json: per_user\.test\.rank\[1\]: ranks are 1-based"):
+        report.main(["--run", f"x={bad}", "--out", str(tmp_path / "r")])
