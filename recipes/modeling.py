@@ -95,6 +95,19 @@ def convert_embedded(target: Path) -> None:
         raise
 
 
+def unrepeated_gqa_attention_on_cpu() -> None:
+    """Let CPU attention read grouped-query keys and values unrepeated.
+
+    transformers copies each key/value head once per query head before scaled-dot-product attention unless
+    `TRANSFORMERS_SDPA_FORCE_GQA` is set; torch's CPU kernels take them as they are (`enable_gqa`), with the same
+    values (tests/recipes/test_modeling.py) and a third of the keys and values kept for the backward pass on
+    SmolLM2 (3 key/value heads for 9 query heads). Not on CUDA, where a masked GQA call falls back to the math
+    kernel. An explicit setting of the variable is left alone.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code

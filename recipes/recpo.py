@@ -27,7 +27,7 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from recipes import modeling
+from recipes import eval_cache, modeling
 from recipes.config import RecPOConfig, ScriptArguments
 from recipes.evaluation import fold_system_turn, supports_system_role
 from recipes.results import format_table, write_results
@@ -97,10 +97,36 @@ def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
 
+def evaluate_untrained(
+    trainer: RecPOTrainer, splits: dict, data: datasets.DatasetDict, use_cache: bool
+) -> tuple[dict[str, float], dict]:
+    """The untrained model's metrics and per-user ranks: from the evaluation cache when the same weights, data,
+    users and settings were evaluated before (the first training step then reuses the cached item index)."""
+    key = None
+    if use_cache:
+        fingerprints = {name: data[name]._fingerprint for name in ("items", "valid", "test")}
+        key = eval_cache.evaluation_key(trainer, splits, fingerprints)
+        cached = eval_cache.load(key)
+        if cached is not None:
+            metrics, per_user, index = cached
+            trainer.item_index, trainer.index_step = (
+                index.to(trainer.accelerator.device),
+                trainer.state.global_step,
+            )
+            logger.info("Untrained model's evaluation read from %s", eval_cache.cache_path(key))
+            return metrics, per_user
+    metrics = trainer.ranking_evaluation(splits)
+    per_user = dict(trainer.last_per_user)
+    if key is not None and trainer.accelerator.is_main_process:
+        eval_cache.save(key, metrics, per_user, trainer.item_index)
+    return metrics, per_user
+
+
 def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: ModelConfig) -> dict:
     set_seed(training_args.seed)
     setup_logging(training_args)
     setup_wandb(training_args)
+    modeling.unrepeated_gqa_attention_on_cpu()
 
     data = load_data(script_args)
     train = data["train"]
@@ -141,9 +167,11 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     splits = {"valid": trainer.eval_rows}
     if script_args.evaluate_test:
         splits["test"] = trainer.test_rows
-    before = {}
+    before, per_user_before = {}, {}
     if script_args.evaluate_before and training_args.resume_from_checkpoint is None:
-        before = trainer.ranking_evaluation(splits)
+        before, per_user_before = evaluate_untrained(
+            trainer, splits, data, script_args.cache_untrained_evaluation
+        )
         trainer.log_metrics_only(prefixed("before", before))
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -152,14 +180,15 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         trainer.state.log_history.insert(0, {**prefixed("before", before), "step": 0})
 
     after = trainer.ranking_evaluation(splits)
+    per_user_after = dict(trainer.last_per_user)
     trainer.log_metrics_only(prefixed("final", after))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json beside results.json: the report draws its curves from it
     trainer.save_item_index(training_args.output_dir)
     results = {}
     if trainer.accelerator.is_main_process:
-        results = write_results(training_args.output_dir, after, before)
-        print(format_table(after, before))
+        results = write_results(training_args.output_dir, after, before, per_user_after, per_user_before)
+        print(format_table(after, before, per_user_after, per_user_before))
         with open(Path(training_args.output_dir) / "run_config.json", "w") as f:
             json.dump(
                 {

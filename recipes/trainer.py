@@ -44,6 +44,7 @@ from recipes.evaluation import (
     stop_at_marker,
     unwrap_for_generate,
 )
+from recipes.intervals import per_user_record
 from recipes.logprobs import shared_prompt_logps
 from recipes.vectors import (
     MarkerCloser,
@@ -111,6 +112,7 @@ class RecPOTrainer(GRPOTrainer):
             target_log_frequency(train_dataset["target"], len(items)) if args.item_logq_correction else None
         )
         self.last_eval: dict[str, RankingResult] = {}
+        self.last_per_user: dict[str, dict[str, list[int]]] = {}  # split -> recipes.intervals per-user record
         self._last_rewards_per_func: torch.Tensor | None = None
         self._last_targets: list[int] = []
         self._rollout_vectors: torch.Tensor | None = None  # user vectors read by the fast rollout loop
@@ -443,6 +445,7 @@ class RecPOTrainer(GRPOTrainer):
                 logits_to_keep,
                 self.processing_class.pad_token_id,
                 autocast=self.accelerator.autocast,
+                recompute_prompts=self.args.recompute_prompts,
             )
             if want_hidden:
                 self._marker_hidden = hidden
@@ -572,6 +575,8 @@ class RecPOTrainer(GRPOTrainer):
                 progress=f"eval {name}" if self.accelerator.is_main_process else None,
             )
             ranks = torch.tensor([r for part in gather_object([result.ranks.tolist()]) for r in part])
+            indices = [i for part in gather_object([[row["sample_index"] for row in mine]]) for i in part]
+            self.last_per_user[name] = per_user_record(indices, ranks)
             for key, value in ranking_metrics(ranks).items():
                 metrics[f"{name}/{key}"] = value
             metrics[f"{name}/mean_rank"] = ranks.float().mean().item()  # moves before Hit@K does
@@ -654,9 +659,10 @@ def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, in
 
 
 def _subset(dataset: Dataset | None, limit: int | None, seed: int) -> list[dict] | None:
+    """The evaluation users: the seeded subset's rows, each with its row index in the split (`sample_index`)."""
     if dataset is None:
         return None
-    return [dataset[i] for i in sample_indices(len(dataset), limit, seed)]
+    return [{**dataset[i], "sample_index": i} for i in sample_indices(len(dataset), limit, seed)]
 
 
 def steps_per_epoch(num_samples: int, args: RecPOConfig, num_processes: int) -> int:

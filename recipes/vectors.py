@@ -227,7 +227,7 @@ class Prefill:
     cache: object  # a transformers Cache with one row per prompt (None under gradient checkpointing)
     mask: torch.Tensor  # (rows, cached) 1 on real tokens, 0 on padding
     next_position: torch.Tensor  # (rows,) position id of each row's next token
-    last_hidden: torch.Tensor  # (rows, d) final hidden state at each prompt's last token
+    last_hidden: torch.Tensor | None  # (rows, d) final hidden state at each prompt's last token
     cache_kw: str  # the name the backbone's forward gives the cache argument
 
 

@@ -48,7 +48,8 @@ def test_recpo_steps_on_the_embedded_model_and_movielens(movielens, tmp_path):
 
     written = json.loads((out / "results.json").read_text())
     assert written == results
-    assert set(written) == {"valid"} and set(written["valid"]) == METRICS
+    assert set(written) == {"valid", "per_user"} and set(written["valid"]) == METRICS
+    assert len(written["per_user"]["valid"]["rank"]) == 4
     assert all(0.0 <= v <= 1.0 for v in written["valid"].values())
     index = out / "item_index.pt"
     assert index.is_file()

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import load_from_disk
 
 from recipes import recpo
 from recipes import trainer as trainer_module
-from recipes.evaluation import build_item_index, cosine_scores
+from recipes.evaluation import build_item_index, cosine_scores, sample_indices
 from recipes.vectors import encode_sequences
 from rewards import ndcg, softmax
 from rewards.advantages import group_advantages
+from rewards.ranking import ranking_metrics
 from tests.recipes.conftest import build_trainer, chain_model, recpo_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,12 +217,18 @@ def log_history(checkpoint: Path) -> list[dict]:
     return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
 
 
-def assert_results_file(output_dir: Path, splits: tuple[str, ...]) -> dict:
-    results = json.loads((output_dir / "results.json").read_text())
-    assert set(results) == set(splits)
+def assert_results_file(output_dir: Path, splits: tuple[str, ...], name: str = "results.json") -> dict:
+    """The metrics of each split, and per-user ranks of the seeded users from which those metrics follow."""
+    results = json.loads((output_dir / name).read_text())
+    assert set(results) == {*splits, "per_user"}
+    data = load_from_disk(json.loads((output_dir / "run_config.json").read_text())["data_dir"])
+    limits = {"valid": 4, "test": 4}  # max_eval_users / max_test_users of recpo_args
     for split in splits:
         assert set(results[split]) == METRICS
         assert all(0.0 <= v <= 1.0 for v in results[split].values())
+        record = results["per_user"][split]
+        assert record["sample_index"] == sample_indices(len(data[split]), limits[split], 42)
+        assert results[split] == pytest.approx(ranking_metrics(torch.tensor(record["rank"])))
     return results
 
 
@@ -240,7 +248,7 @@ def test_two_step_run_writes_results_and_logs_reward_metrics(tiny_model_dir, syn
 
     results = assert_results_file(out, ("valid", "test"))
     assert returned == results
-    assert set(json.loads((out / "results_before.json").read_text())) == {"valid", "test"}
+    assert_results_file(out, ("valid", "test"), "results_before.json")
     assert (out / "adapter_model.safetensors").is_file() and (out / "item_index.pt").is_file()
     final_history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert final_history[0]["step"] == 0 and "before/valid/ndcg@10" in final_history[0]  # survived train()
