@@ -137,6 +137,25 @@ class RecPOConfig(GRPOConfig):
             "softmax bias correction). Not in the paper: false reproduces it."
         },
     )
+    item_negatives: int = field(
+        default=0,
+        metadata={
+            "help": "Catalog items drawn uniformly at random (targets of the batch excluded) and encoded, with "
+            "gradient, as extra columns of the item loss at every step, beside the in-batch targets. The paper's "
+            "item loss has only the in-batch targets (0): with 4 users a step that is a 4-way softmax, and its "
+            "negatives are popular items. Full-catalog ranking puts the target against every item, which uniform "
+            "negatives sample directly. Each costs an item prompt's forward and backward (about 27 tokens on "
+            "MovieLens). With item_logq_correction, every column is corrected by the log of the mixed rate."
+        },
+    )
+    item_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Start the run with this many optimizer steps of the no-reasoning item loss (the user vector read "
+            "right after the prompt, cross-entropy over the in-batch items), then train RecPO with reasoning: a "
+            "cold start, as R1-style recipes start RL from a tuned policy. Not in the paper (0)."
+        },
+    )
     gather_negatives: bool = field(
         default=True,
         metadata={"help": "Use the other processes' in-batch target items as negatives of the item loss."},
@@ -282,6 +301,8 @@ class RecPOConfig(GRPOConfig):
             raise ValueError(f"softmax_reward_weight must lie in [0, 1], got {self.softmax_reward_weight}")
         if self.similarity_temperature <= 0:
             raise ValueError(f"similarity_temperature must be positive, got {self.similarity_temperature}")
+        if self.item_negatives < 0 or self.item_warmup_steps < 0:
+            raise ValueError("item_negatives and item_warmup_steps must be >= 0")
         if self.relabel_topk < 1:
             raise ValueError(f"relabel_topk must be at least 1, got {self.relabel_topk}")
         if self.bf16 is None:  # TRL turns bf16 on by default; that needs a GPU, so decide by the hardware

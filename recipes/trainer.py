@@ -58,7 +58,7 @@ from recipes.vectors import (
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
 from rewards.ranking import ranking_metrics
-from rewards.surrogate import in_batch_logits, item_surrogate_loss, target_log_frequency
+from rewards.surrogate import in_batch_logits, item_surrogate_loss, mixed_log_frequency, target_log_frequency
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class RecPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ advantages
     def _generate_and_score_completions(self, inputs):
-        if not self.args.reasoning:
+        if not self.args.reasoning or self.in_item_warmup():
             return self._prompt_only_batch(inputs)
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
@@ -376,6 +376,10 @@ class RecPOTrainer(GRPOTrainer):
             logged.pop()
         logged.extend(advantages.tolist())
         return output
+
+    def in_item_warmup(self) -> bool:
+        """Whether this training step is one of the no-reasoning item-loss steps that start the run (cold start)."""
+        return self.model.training and self.state.global_step < self.args.item_warmup_steps
 
     def _prompt_only_batch(self, inputs):
         """No-reasoning ablation: the prompt (marker pre-filled) is all the model sees; no rollouts, no rewards."""
@@ -398,7 +402,7 @@ class RecPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        if not self.args.reasoning:
+        if "completion_ids" not in inputs:  # no-reasoning ablation, or the item warm-up steps
             keep = inputs["relabel_mask"]  # one copy of each prompt: the G copies are identical
             prompts = [
                 row[m.bool()].tolist()
@@ -491,21 +495,25 @@ class RecPOTrainer(GRPOTrainer):
         return float(self.current_gradient_accumulation_steps) if mode == "train" else 1.0
 
     def _item_loss(self, model, user_vecs, targets, advantages, mask) -> torch.Tensor:
-        """In-batch item surrogate (or cross-entropy in the no-reasoning ablation)."""
+        """In-batch item surrogate (or cross-entropy in the no-reasoning ablation and the item warm-up)."""
         # No early return when this process relabelled no rollout (a group split across processes): the
         # gather of negatives is collective, and item_surrogate_loss then gives 0 with a graph through it.
         columns, inverse = torch.unique(targets, return_inverse=True)
-        item_vecs = self._item_vectors(model, columns.tolist())  # (T, d), with gradient
+        sampled = self._uniform_negatives(columns)
+        item_ids = torch.cat([columns, sampled])  # targets first: `inverse` indexes them
+        item_vecs = self._item_vectors(model, item_ids.tolist())  # (T + M, d), with gradient
         item_vecs, offset = self._gather_negatives(item_vecs)
         target_cols = inverse + offset
         # Another process may hold the same item: every item counts once, as in one process (duplicate_columns).
-        item_ids = columns
         if self.args.gather_negatives and self.accelerator.num_processes > 1:
-            gathered = [item for part in gather_object([columns.tolist()]) for item in part]
+            gathered = [item for part in gather_object([item_ids.tolist()]) for item in part]
             item_ids = torch.tensor(gathered, dtype=torch.long, device=columns.device)
         bias = None
-        if self.item_log_q is not None:  # sampled-softmax correction: columns drawn by popularity
-            bias = -self.item_log_q.to(item_ids.device)[item_ids]
+        if (
+            self.item_log_q is not None
+        ):  # sampled-softmax correction: columns drawn by popularity (and uniformly)
+            log_q = mixed_log_frequency(self.item_log_q, len(columns), len(sampled))
+            bias = -log_q.to(item_ids.device)[item_ids]
         if advantages is None:
             logits = in_batch_logits(
                 user_vecs,
@@ -528,6 +536,15 @@ class RecPOTrainer(GRPOTrainer):
             item_ids=item_ids,
             column_bias=bias,
         )
+
+    def _uniform_negatives(self, columns: torch.Tensor) -> torch.Tensor:
+        """`item_negatives` catalog items drawn uniformly without replacement among the non-target items. (M,)"""
+        count = min(self.args.item_negatives, len(self.item_prompt_ids) - len(columns))
+        if count <= 0:
+            return columns.new_empty(0)
+        weights = torch.ones(len(self.item_prompt_ids))
+        weights[columns.cpu()] = 0.0
+        return torch.multinomial(weights, count, replacement=False).to(columns.device)
 
     def _gather_negatives(self, item_vecs: torch.Tensor) -> tuple[torch.Tensor, int]:
         return gather_with_grad(item_vecs, self.accelerator) if self.args.gather_negatives else (item_vecs, 0)

@@ -47,6 +47,17 @@ def target_log_frequency(targets, num_items: int) -> torch.Tensor:
     return torch.log((counts + 1.0) / (counts.sum() + num_items)).float()
 
 
+def mixed_log_frequency(log_q: torch.Tensor, targets: int, uniform: int) -> torch.Tensor:
+    """`(num_items,)` log of the rate at which an item fills a column of the item loss, when `targets` columns
+    are training targets (drawn with frequency q) and `uniform` columns are drawn uniformly from the catalog:
+    log((targets * q(i) + uniform / N) / (targets + uniform)). Equals log q without uniform columns."""
+    if uniform == 0:
+        return log_q
+    num_items = log_q.numel()
+    mixed = (targets * log_q.double().exp() + uniform / num_items) / (targets + uniform)
+    return mixed.log().to(log_q.dtype)
+
+
 def in_batch_logits(
     user_vecs: torch.Tensor,
     item_vecs: torch.Tensor,

@@ -359,3 +359,38 @@ def test_shared_prompt_forward_gives_trls_loss_and_gradients_from_fewer_tokens(
     assert metrics["item_loss"][-1] == pytest.approx(trl_metrics["item_loss"][-1], abs=1e-6)
     # 2 users x 2 rollouts: the prompts (about 140 tokens each here) ran twice, not four times.
     assert tokens < 0.65 * trl_tokens
+
+
+# ----------------------------------------------------------------------------- uniform negatives, warm-up
+
+
+@pytest.mark.parametrize("logq", [False, True])
+def test_uniform_negatives_are_extra_columns_of_the_item_softmax(tokenizer, synthetic_data, tmp_path, logq):
+    trainer = build_trainer(
+        tokenizer,
+        synthetic_data,
+        tmp_path / "out",
+        random_lora_b=True,
+        item_negatives=5,
+        item_logq_correction=logq,
+    )
+    model = trainer.model
+    torch.manual_seed(0)
+    users = torch.randn(4, model.config.hidden_size)
+    targets = torch.tensor([3, 3, 7, 7])
+    torch.manual_seed(11)
+    with torch.no_grad():
+        loss = trainer._item_loss(model, users, targets, None, None)
+    torch.manual_seed(11)
+    negatives = trainer._uniform_negatives(torch.tensor([3, 7]))
+    assert len(set(negatives.tolist())) == 5 and not {3, 7} & set(negatives.tolist())
+    columns = [3, 7, *negatives.tolist()]
+    with torch.no_grad():
+        items = plain_item_vectors(model, trainer, columns)
+        logits = torch.nn.functional.normalize(users, dim=-1) @ torch.nn.functional.normalize(items, dim=-1).T
+        logits = logits / trainer.args.similarity_temperature
+        if logq:
+            q = trainer.item_log_q.exp()
+            logits = logits - ((2 * q + 5 / len(q)) / 7).log()[columns]
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 0, 1, 1]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)

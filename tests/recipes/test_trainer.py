@@ -298,6 +298,30 @@ def test_no_reasoning_mode_trains_and_evaluates(tiny_model_dir, synthetic_data, 
     assert traces and all(json.loads(line)["reasoning"] == "" for line in traces[-1].read_text().splitlines())
 
 
+def test_item_warmup_steps_train_without_reasoning_then_recpo_takes_over(
+    tiny_model_dir, synthetic_data, tmp_path
+):
+    out = tmp_path / "run"
+    args = recpo_args(
+        out,
+        tiny_model_dir,
+        synthetic_data,
+        item_warmup_steps=2,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=3,
+    )
+    recpo.main(*args)
+
+    train_logs = [e for e in log_history(out / "checkpoint-3") if "loss" in e]
+    assert [e["step"] for e in train_logs] == [1, 2, 3]
+    warmup, recpo_step = train_logs[:2], train_logs[2]
+    assert all("reward" not in e and e["item_loss"] > 0 for e in warmup)  # cross-entropy, no rollouts
+    assert "reward" in recpo_step and math.isfinite(recpo_step["reward"])
+    traces = sorted((out / "traces").glob("valid_step*.jsonl"))
+    assert traces and all(json.loads(line)["reasoning"] for line in traces[-1].read_text().splitlines())
+
+
 def test_early_stopping_stops_a_run_whose_valid_ndcg_does_not_improve(tokenizer, synthetic_data, tmp_path):
     from transformers import EarlyStoppingCallback
 

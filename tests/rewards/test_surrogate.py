@@ -162,3 +162,14 @@ def test_column_bias_shifts_the_in_batch_logits_by_hand():
     assert plain[0, 1].item() == pytest.approx(1.0 / (math.e + 1.0))
     assert users.grad[0, 1].item() == pytest.approx(0.5)
     assert users.grad[0, 0].item() == pytest.approx(0.0)
+
+
+def test_mixed_log_frequency_mixes_target_and_uniform_rates_by_hand():
+    from rewards.surrogate import mixed_log_frequency
+
+    log_q = torch.tensor([0.5, 0.3, 0.2]).log()
+    # 2 target columns drawn by q, 1 column drawn uniformly from 3 items: (2 q + 1/3) / 3
+    expected = ((2 * torch.tensor([0.5, 0.3, 0.2]) + 1 / 3) / 3).log()
+    torch.testing.assert_close(mixed_log_frequency(log_q, 2, 1), expected)
+    assert mixed_log_frequency(log_q, 2, 1).exp().sum().item() == pytest.approx(1.0)
+    assert torch.equal(mixed_log_frequency(log_q, 4, 0), log_q)
