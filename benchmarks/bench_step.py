@@ -1,18 +1,25 @@
-"""Time split of a RecPO step: generation, scoring (vectors + rewards), update.
+"""Time split of a RecPO step: generation, scoring (vectors + rewards), update, and peak memory.
 
-    python -m benchmarks step                                  # embedded SmolLM2-135M, CPU, fp32
-    python -m benchmarks step -- --shape qwen2.5-0.5b --bf16    # random Qwen2.5-0.5B shape on a GPU
+    python -m benchmarks step                                  # embedded SmolLM2-135M, CPU: before and after
+    python -m benchmarks step -- --variant after --reasoning false   # the no-reasoning step
+    python -m benchmarks step -- --shape qwen2.5-0.5b --bf16 --variant after   # random Qwen2.5-0.5B on a GPU
 
 Runs a few real training steps of `recipes/recpo.py` on MovieLens-100K (history window 5) and reads
-the per-step timings the trainer logs (`timing/generation_s`, `timing/scoring_s`, `step_time`). The
-first step also builds the catalog index and is reported apart. Random weights have the speed of
-trained ones, so the larger shapes need no download.
+the per-step timings the trainer logs (`timing/generation_s`, `timing/scoring_s`, `step_time`) and its
+peak resident memory (`memory/peak_rss_mb`). The first step also builds the catalog index and is
+reported apart. Random weights have the speed of trained ones, so the larger shapes need no download.
+
+Variants: `before` is the path of TRL's own generate and log-prob forward with LoRA dropout active (the
+CPU recipe until December 2026); `after` is the current CPU recipe's (`disable_dropout`, RecPO's rollout
+loop, the shared-prompt forward with the prompts recomputed in the backward pass). `both` runs one after
+the other, so the gain shows in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -87,19 +94,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--users", type=int, default=4, help="users per step (default: 4)")
     parser.add_argument("--generations", type=int, default=2, help="rollouts per user (default: 2)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="max new tokens per rollout (default: 32)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="max new tokens per rollout (default: 16)")
     parser.add_argument("--cache-implementation", default=None, help="e.g. static (GPU)")
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer folder for the random shapes (default: the embedded one)"
     )
+    parser.add_argument(
+        "--variant",
+        default="both",
+        choices=["before", "after", "both"],
+        help="which path to time (default: both, one after the other)",
+    )
+    parser.add_argument(
+        "--reasoning", default="true", choices=["true", "false"], help="false: the no-reasoning step"
+    )
     args = parser.parse_args(argv)
+    variants = ["before", "after"] if args.variant == "both" else [args.variant]
+    status = 0
+    for variant in variants:
+        status |= run_variant(args, variant)
+    return status
+
+
+VARIANTS = {
+    "before": [
+        "--lora_dropout", "0.05", "--disable_dropout", "false", "--fast_rollouts", "false",
+        "--shared_prompt_forward", "false", "--recompute_prompts", "false",
+    ],
+    "after": [
+        "--lora_dropout", "0.05", "--disable_dropout", "true", "--fast_rollouts", "true",
+        "--shared_prompt_forward", "true", "--recompute_prompts", "true",
+    ],
+}  # fmt: skip
+
+
+def run_variant(args: argparse.Namespace, variant: str) -> int:
 
     model = (
         "embedded/SmolLM2-135M-Instruct"
         if args.shape == "embedded"
         else random_model(args.shape, args.tokenizer)
     )
-    output = OUT / f"run-{args.shape}-{args.cache_implementation or 'dynamic'}"
+    output = OUT / f"run-{args.shape}-{args.cache_implementation or 'dynamic'}-{variant}"
     command = [
         sys.executable, "recipes/recpo.py",
         "--model_name_or_path", model, "--data_dir", ensure_data(), "--output_dir", str(output),
@@ -110,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         "--gradient_checkpointing", "false", "--eval_strategy", "no", "--save_strategy", "no",
         "--evaluate_before", "false", "--max_eval_users", "1", "--max_test_users", "1", "--evaluate_test", "false",
         "--logging_steps", "1", "--report_to", "none", "--log_completions", "false", "--item_batch_size", "64",
-        "--bf16", str(args.bf16).lower(),
+        "--bf16", str(args.bf16).lower(), "--reasoning", args.reasoning, *VARIANTS[variant],
     ]  # fmt: skip
     if args.cache_implementation:
         command += ["--cache_implementation", args.cache_implementation]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    if variant == "before":  # transformers' own attention path: key/value heads repeated before attention
+        env["TRANSFORMERS_SDPA_FORCE_GQA"] = "0"
+    subprocess.run(command, check=True, env=env)
     wall = time.perf_counter() - started
     state = (
         json.loads((output / "trainer_state.json").read_text())
@@ -135,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return entry["step_time"], generation, scoring, entry["step_time"] - generation - scoring
 
     print(
-        f"model={args.shape} bf16={args.bf16} users/step={args.users} G={args.generations} "
-        f"new_tokens={args.new_tokens} cache={args.cache_implementation or 'dynamic'}"
+        f"[{variant}] model={args.shape} bf16={args.bf16} reasoning={args.reasoning} users/step={args.users} "
+        f"G={args.generations} new_tokens={args.new_tokens} cache={args.cache_implementation or 'dynamic'}"
     )
     first = split(steps[0])
     print(f"step 1 (builds the item index): total {first[0]:.2f}s  scoring {first[2]:.2f}s")
@@ -151,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  rollouts: {tokens:.0f} new tokens per step, {tokens / generation:,.0f} tokens/s in generation"
         )
+    peaks = [e[key] for e in steps for key in ("memory/peak_rss_mb", "memory/peak_gpu_mb") if key in e]
+    if peaks:
+        rss = max(e.get("memory/peak_rss_mb", 0.0) for e in steps)
+        gpu = max(e.get("memory/peak_gpu_mb", 0.0) for e in steps)
+        print(f"  peak resident memory {rss:,.0f} MB" + (f", peak GPU memory {gpu:,.0f} MB" if gpu else ""))
     print(f"wall time of the whole run (load, index, steps): {wall:.1f}s")
     return 0
 

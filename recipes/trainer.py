@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -134,10 +135,11 @@ class RecPOTrainer(GRPOTrainer):
         return self.item_index
 
     def _ensure_index(self) -> torch.Tensor:
-        stale = (
-            self.args.index_refresh_steps > 0
-            and self.index_step is not None
-            and self.state.global_step - self.index_step >= self.args.index_refresh_steps
+        step, built = self.state.global_step, self.index_step
+        stale = built is not None and (
+            (self.args.index_refresh_steps > 0 and step - built >= self.args.index_refresh_steps)
+            # The item warm-up moved every item vector without using the index: rebuild it once RecPO starts.
+            or built < self.args.item_warmup_steps <= step
         )
         if self.item_index is None or stale:
             self.refresh_item_index()
@@ -162,6 +164,14 @@ class RecPOTrainer(GRPOTrainer):
         if text not in self._reasons_logged:
             self._reasons_logged.add(text)
             logger.info(text)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Peak memory so far, logged with every step: what a run needs of the machine.
+        self._metrics["train"]["memory/peak_rss_mb"].append(peak_rss_mb())
+        if torch.cuda.is_available():
+            self._metrics["train"]["memory/peak_gpu_mb"].append(torch.cuda.max_memory_allocated() / 2**20)
+        return loss
 
     # ------------------------------------------------------------------ rollouts
     def _generate_single_turn(
@@ -654,6 +664,16 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MB (0 where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KB on Linux
 
 
 def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, int]:

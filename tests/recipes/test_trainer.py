@@ -322,6 +322,21 @@ def test_item_warmup_steps_train_without_reasoning_then_recpo_takes_over(
     assert traces and all(json.loads(line)["reasoning"] for line in traces[-1].read_text().splitlines())
 
 
+def test_the_item_index_is_rebuilt_when_recpo_starts_after_the_warmup(
+    tokenizer, synthetic_data, tmp_path, monkeypatch
+):
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", item_warmup_steps=2)
+    rebuilt = []
+    monkeypatch.setattr(trainer, "refresh_item_index", lambda: rebuilt.append(trainer.state.global_step))
+    trainer.item_index, trainer.index_step = torch.zeros(3, 4), 0  # built before training (the evaluation)
+    for step in (0, 1, 2, 3):
+        trainer.state.global_step = step
+        trainer._ensure_index()
+        if rebuilt and trainer.index_step != rebuilt[-1]:
+            trainer.index_step = rebuilt[-1]
+    assert rebuilt == [2]  # stale once the warm-up ended, then kept (no periodic refresh)
+
+
 def test_early_stopping_stops_a_run_whose_valid_ndcg_does_not_improve(tokenizer, synthetic_data, tmp_path):
     from transformers import EarlyStoppingCallback
 
