@@ -27,6 +27,7 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, LogitsProcessorList, Trainer, TrainerCallback
 from trl import GRPOTrainer
 
@@ -418,7 +419,7 @@ class RecPOTrainer(GRPOTrainer):
                 row[m.bool()].tolist()
                 for row, m in zip(inputs["prompt_ids"][keep], inputs["prompt_mask"][keep], strict=True)
             ]
-            user_vecs = prefill(model, prompts, self.processing_class.pad_token_id).last_hidden
+            user_vecs = self._prompt_vectors(model, prompts)
             item_loss = self._item_loss(model, user_vecs, inputs["target_index"][keep], None, None)
             self._metrics[mode]["item_loss"].append(self.accelerator.gather(item_loss.detach()).mean().item())
             return self.args.item_loss_weight * item_loss / self._accumulation(mode)
@@ -500,6 +501,17 @@ class RecPOTrainer(GRPOTrainer):
         if reason is not None:
             self._log_once("Log-probs are computed over every rollout's whole prompt (slower): %s.", reason)
         return reason
+
+    def _prompt_vectors(self, model, prompts: list[list[int]]) -> torch.Tensor:
+        """Vectors at the prompts' last token, with gradient; with `recompute_prompts`, the forward is recomputed
+        in the backward pass instead of keeping its activations. (n, d)"""
+
+        def encode() -> torch.Tensor:
+            return prefill(model, prompts, self.processing_class.pad_token_id).last_hidden
+
+        if self.args.recompute_prompts and torch.is_grad_enabled():
+            return checkpoint(encode, use_reentrant=False)
+        return encode()
 
     def _accumulation(self, mode: str) -> float:
         return float(self.current_gradient_accumulation_steps) if mode == "train" else 1.0

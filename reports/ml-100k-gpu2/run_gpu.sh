@@ -54,7 +54,7 @@ run w100-logq-neg16 --item_warmup_steps $(S 100) --max_steps $(( $(S 100) + $(S 
 run noreason-logq --reasoning false --max_steps $(S 260) --item_logq_correction true &
 # A GPU-sized recipe: 16 users a step, 32 uniform negatives, a long warm-up, then RecPO; 5 minutes of training.
 run gpu-w-neg32 --per_device_train_batch_size 32 --item_warmup_steps $(S 1500) --max_steps $(S 3000) \
-    --item_logq_correction true --item_negatives 32 --time_budget_minutes $([ "$DRY" = 1 ] && echo 30 || echo 5) &
+    --item_logq_correction true --item_negatives 32 --time_budget_minutes $([ "$DRY" = 1 ] && echo 30 || echo 3.5) &
 wait
 stamp "all runs done"
 cat logs/exit_codes.txt

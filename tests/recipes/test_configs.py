@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from trl import ModelConfig, TrlParser
 
 from recipes.config import RecPOConfig, ScriptArguments
@@ -42,3 +43,32 @@ def test_a_misspelt_recipe_key_is_refused(tmp_path):
     parser = TrlParser((ScriptArguments, RecPOConfig, ModelConfig))
     with pytest.raises(ValueError, match="item_logq_corection"):
         parser.parse_args_and_config(args=["--config", str(recipe), "--bf16", "false"])
+
+
+PAPER_RECIPES = [p for p in RECIPES if p.parent.parent.name in ("qwen2.5-3b", "gemma-2-2b")]
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_paper_recipes_carry_the_reference_implementations_effective_settings(recipe, tmp_path, monkeypatch):
+    """DESIGN.md sections 3 and 3b: what the authors' launch runs, in our trainer's terms."""
+    monkeypatch.chdir(tmp_path)
+    parser = TrlParser((ScriptArguments, RecPOConfig, ModelConfig))
+    # bf16 cannot be parsed on a machine without a GPU: read it from the file, parse the rest.
+    assert yaml.safe_load(recipe.read_text())["bf16"] is True
+    _, args, model = parser.parse_args_and_config(
+        args=["--config", str(recipe), "--report_to", "none", "--bf16", "false"]
+    )
+    assert (model.lora_r, model.lora_alpha, model.lora_dropout) == (4, 128, 0.05)
+    assert args.disable_dropout  # every dropout off, LoRA's included
+    assert (args.learning_rate, args.warmup_steps, args.lr_scheduler_type) == (
+        1e-5,
+        32,
+        "constant_with_warmup",
+    )
+    assert (args.num_generations, args.per_device_train_batch_size) == (4, 16)  # 4 users x 4 rollouts
+    assert (args.temperature, args.top_k, args.max_completion_length) == (2.0, 50, 640)
+    assert args.relabel_topk == 2 and args.item_loss_weight == 2.0  # token mean + 2 x item mean
+    assert args.max_grad_norm == 0.25  # the reference's clipping at 1.0 of a 4x larger gradient
+    assert args.optim == "paged_adamw_8bit" and args.gradient_checkpointing
+    assert args.beta == 0.0 and (args.epsilon, args.epsilon_high) == (0.2, 0.28)
+    assert args.item_warmup_steps == 0 and not args.item_logq_correction  # the paper's item loss

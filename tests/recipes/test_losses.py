@@ -394,3 +394,26 @@ def test_uniform_negatives_are_extra_columns_of_the_item_softmax(tokenizer, synt
             logits = logits - ((2 * q + 5 / len(q)) / 7).log()[columns]
         expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 0, 1, 1]))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_recomputed_prompts_give_the_same_no_reasoning_gradients(tokenizer, synthetic_data, tmp_path):
+    grads = {}
+    for recompute in (False, True):
+        trainer = build_trainer(
+            tokenizer,
+            synthetic_data,
+            tmp_path / str(recompute),
+            reasoning=False,
+            random_lora_b=True,
+            recompute_prompts=recompute,
+        )
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        rows = [trainer.train_dataset[i] for i in range(4)]
+        batch = trainer._prompt_only_batch([row for row in rows for _ in range(2)])
+        trainer.model.zero_grad()
+        trainer._compute_loss(trainer.model, batch).backward()
+        grads[recompute] = lora_grads(trainer.model)
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-4, msg=name)
