@@ -31,9 +31,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "gaussi
         raise ValueError(
             f"rewards/advantages.py: unknown advantage kind {kind!r}; expected one of {ADVANTAGE_KINDS}"
         )
-    grouped = _grouped(rewards, group_size)  # (groups, G)
+    # float64 inside: rewards a few ulps apart (a near-flat group) would otherwise leave float32
+    # cancellation noise of ~1e-4 in advantages of unit scale, and a group's sum away from zero.
+    grouped = _grouped(rewards, group_size).double()  # (groups, G)
     if group_size == 1:
-        return torch.zeros_like(grouped).view(-1)
+        return torch.zeros_like(grouped).view(-1).float()
     if kind == "gaussian":
         centred = grouped - grouped.mean(dim=1, keepdim=True)
         advantages = centred / (grouped.std(dim=1, keepdim=True) + 1e-8)
@@ -41,7 +43,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "gaussi
         others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
         advantages = grouped - others_mean
     flat = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # (groups, 1)
-    return advantages.masked_fill(flat, 0.0).view(-1)
+    return advantages.masked_fill(flat, 0.0).view(-1).float()
 
 
 def relabel_mask(advantages: torch.Tensor, group_size: int, topk: int = 1) -> torch.Tensor:

@@ -27,12 +27,18 @@ def stand_in_trainer(accelerator: Accelerator, table: torch.Tensor, tau: float) 
     trainer = SimpleNamespace(
         accelerator=accelerator,
         args=SimpleNamespace(
-            similarity_temperature=tau, epsilon=0.2, epsilon_high=0.28, gather_negatives=True
+            similarity_temperature=tau,
+            epsilon=0.2,
+            epsilon_high=0.28,
+            gather_negatives=True,
+            item_negatives=0,  # the paper's in-batch columns only
         ),
+        item_prompt_ids=[None] * len(table),
         _item_vectors=lambda model, columns: table[torch.as_tensor(columns)],
         item_log_q=None,  # the paper's loss, no log-q correction
     )
     trainer._gather_negatives = lambda vecs: gather_with_grad(vecs, accelerator)
+    trainer._uniform_negatives = lambda columns: RecPOTrainer._uniform_negatives(trainer, columns)
     return trainer
 
 
