@@ -41,10 +41,11 @@ train: setup
 		--num_cpu_threads_per_process $(NPROC) \
 		recipes/recpo.py --config $(CONFIG) $(ARGS)
 
+# The baselines on the seeded 200 valid / 200 test users `make train` evaluates (paired intervals need the same users).
 baselines: setup
 	test -d $(TRAIN_DATA) || $(PY) -m data_prep movielens --window-size 5 --out $(TRAIN_DATA)
-	$(PY) -m recipes.baselines popularity --data $(TRAIN_DATA) --out reports/ml-100k/popularity.json
-	$(PY) -m recipes.baselines sasrec --data $(TRAIN_DATA) --out reports/ml-100k/sasrec.json
+	$(PY) -m recipes.baselines popularity --data $(TRAIN_DATA) --max-users 200 --out reports/ml-100k/popularity.json
+	$(PY) -m recipes.baselines sasrec --data $(TRAIN_DATA) --max-users 200 --out reports/ml-100k/sasrec.json
 
 # make report RUNS="popularity=reports/ml-100k/popularity.json recpo=outputs/smollm2-135m-movielens-recpo"
 report: setup
