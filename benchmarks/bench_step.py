@@ -11,8 +11,7 @@ reported apart. Random weights have the speed of trained ones, so the larger sha
 
 Variants: `before` is the path of TRL's own generate and log-prob forward with LoRA dropout active (the
 CPU recipe until December 2026); `after` is the current CPU recipe's (`disable_dropout`, RecPO's rollout
-loop, the shared-prompt forward with the prompts recomputed in the backward pass). `both` runs one after
-the other, so the gain shows in one run.
+loop, the shared-prompt forward). `both` runs one after the other, so the gain shows in one run.
 """
 
 from __future__ import annotations
@@ -123,7 +122,7 @@ VARIANTS = {
     ],
     "after": [
         "--lora_dropout", "0.05", "--disable_dropout", "true", "--fast_rollouts", "true",
-        "--shared_prompt_forward", "true", "--recompute_prompts", "true",
+        "--shared_prompt_forward", "true", "--recompute_prompts", "false",
     ],
 }  # fmt: skip
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+from transformers.integrations import sdpa_attention
 
 from recipes.modeling import unrepeated_gqa_attention_on_cpu
 from tests.recipes.conftest import build_tiny_model
+
+
+def _transformers_own():
+    current = sdpa_attention.use_gqa_in_sdpa
+    return getattr(current, "original", current)
 
 
 def test_unrepeated_gqa_attention_gives_the_same_values_and_gradients(tokenizer, monkeypatch):
@@ -24,9 +28,16 @@ def test_unrepeated_gqa_attention_gives_the_same_values_and_gradients(tokenizer,
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    transformers_own = _transformers_own()  # an earlier test may have installed the wrapper in this process
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", transformers_own)  # restored after
+    key = torch.zeros(3, 2, 11, 8)
+    assert not sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # transformers repeats the heads here
     repeated, repeated_grads = run()
     unrepeated_gqa_attention_on_cpu()
-    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    assert sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # with gradient: unrepeated
+    with torch.no_grad():
+        assert not sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # inference keeps transformers' choice
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, repeated)
     unrepeated, unrepeated_grads = run()
     torch.testing.assert_close(unrepeated, repeated, atol=1e-6, rtol=1e-5)
     for name, grad in repeated_grads.items():
@@ -35,5 +46,7 @@ def test_unrepeated_gqa_attention_gives_the_same_values_and_gradients(tokenizer,
 
 def test_an_explicit_gqa_setting_is_left_alone(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", _transformers_own())
+    before = sdpa_attention.use_gqa_in_sdpa
     unrepeated_gqa_attention_on_cpu()
-    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
+    assert sdpa_attention.use_gqa_in_sdpa is before
