@@ -388,6 +388,15 @@ class RecPOTrainer(GRPOTrainer):
         logged.extend(advantages.tolist())
         return output
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The item warm-up has no rollouts yet: TRL would print and write an empty completions table each log.
+        keep = self.log_completions
+        self.log_completions = keep and len(self._logs["prompt"]) > 0
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.log_completions = keep
+
     def in_item_warmup(self) -> bool:
         """Whether this training step is one of the no-reasoning item-loss steps that start the run (cold start)."""
         return self.model.training and self.state.global_step < self.args.item_warmup_steps

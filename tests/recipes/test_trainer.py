@@ -310,8 +310,11 @@ def test_item_warmup_steps_train_without_reasoning_then_recpo_takes_over(
         max_steps=3,
         save_strategy="steps",
         save_steps=3,
+        log_completions=True,
     )
     recpo.main(*args)
+    # Rollout tables only once there are rollouts: none (and no empty ones) for the warm-up's steps.
+    assert [p.name for p in sorted((out / "completions").glob("*.parquet"))] == ["completions_00003.parquet"]
 
     train_logs = [e for e in log_history(out / "checkpoint-3") if "loss" in e]
     assert [e["step"] for e in train_logs] == [1, 2, 3]
