@@ -175,6 +175,15 @@ class RecPOTrainer(GRPOTrainer):
         return loss
 
     # ------------------------------------------------------------------ rollouts
+    def _get_train_sampler(self, dataset=None):
+        """TRL's sampler, shuffled by `data_seed` when it is set (TRL always uses `seed`; transformers' Trainer
+        documents `data_seed` as the seed of the data order alone, independent of the model's seed)."""
+        sampler = super()._get_train_sampler(dataset)
+        if self.args.data_seed is not None and getattr(sampler, "generator", None) is not None:
+            sampler.seed = self.args.data_seed
+            sampler.generator.manual_seed(self.args.data_seed)
+        return sampler
+
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
