@@ -43,12 +43,17 @@ def test_token_surrogate_from_log_probs_matches_hand_values():
 # ----------------------------------------------------------------------------- the trainer's loss
 
 
-@pytest.fixture
-def trainer(tokenizer, synthetic_data, tmp_path):
-    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", random_lora_b=True)
+def loss_ready_trainer(tokenizer, data_dir, output_dir, **overrides):
+    """A trainer whose LoRA B is random (so every LoRA weight gets a gradient), in train mode, as the loop leaves it."""
+    trainer = build_trainer(tokenizer, data_dir, output_dir, random_lora_b=True, **overrides)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
     return trainer
+
+
+@pytest.fixture
+def trainer(tokenizer, synthetic_data, tmp_path):
+    return loss_ready_trainer(tokenizer, synthetic_data, tmp_path / "out")
 
 
 def hand_made_batch(trainer) -> dict[str, torch.Tensor]:
@@ -328,15 +333,9 @@ def test_shared_prompt_forward_gives_trls_loss_and_gradients_from_fewer_tokens(
 ):
     results = {}
     for shared in (True, False):
-        trainer = build_trainer(
-            tokenizer,
-            synthetic_data,
-            tmp_path / str(shared),
-            random_lora_b=True,
-            shared_prompt_forward=shared,
+        trainer = loss_ready_trainer(
+            tokenizer, synthetic_data, tmp_path / str(shared), shared_prompt_forward=shared
         )
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 1
         batch = with_shifted_old_logps(trainer, hand_made_batch(trainer))
         seen = []  # tokens the final norm processes: what the forward pays for
         handle = trainer.model.get_base_model().model.norm.register_forward_hook(
@@ -399,16 +398,9 @@ def test_uniform_negatives_are_extra_columns_of_the_item_softmax(tokenizer, synt
 def test_recomputed_prompts_give_the_same_no_reasoning_gradients(tokenizer, synthetic_data, tmp_path):
     grads = {}
     for recompute in (False, True):
-        trainer = build_trainer(
-            tokenizer,
-            synthetic_data,
-            tmp_path / str(recompute),
-            reasoning=False,
-            random_lora_b=True,
-            recompute_prompts=recompute,
+        trainer = loss_ready_trainer(
+            tokenizer, synthetic_data, tmp_path / str(recompute), reasoning=False, recompute_prompts=recompute
         )
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 1
         rows = [trainer.train_dataset[i] for i in range(4)]
         batch = trainer._prompt_only_batch([row for row in rows for _ in range(2)])
         trainer.model.zero_grad()
