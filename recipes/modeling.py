@@ -112,7 +112,7 @@ def unrepeated_gqa_attention_on_cpu() -> None:
     from transformers.integrations import sdpa_attention
 
     original = sdpa_attention.use_gqa_in_sdpa
-    if getattr(original, "recpo_unrepeated_when_training", False):
+    if hasattr(original, "original"):  # installed already
         return
 
     def use_gqa_in_sdpa(attention_mask, key, value) -> bool:
@@ -120,8 +120,7 @@ def unrepeated_gqa_attention_on_cpu() -> None:
             return True
         return original(attention_mask, key, value)
 
-    use_gqa_in_sdpa.recpo_unrepeated_when_training = True
-    use_gqa_in_sdpa.original = original
+    use_gqa_in_sdpa.original = original  # transformers' own decision, also the mark of this wrapper
     sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
 
 
