@@ -451,7 +451,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_continues(tiny_model_dir, sy
     assert_results_file(out, ("valid",))
 
 
-def test_data_seed_orders_the_training_data_and_seed_alone_does_not(tokenizer, synthetic_data, tmp_path):
+def test_data_seed_orders_the_training_data(tokenizer, synthetic_data, tmp_path):
     def order(**overrides) -> list[int]:
         trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", **overrides)
         return list(trainer._get_train_sampler())
