@@ -6,6 +6,7 @@ import torch
 from transformers.integrations import sdpa_attention
 
 from recipes.modeling import unrepeated_gqa_attention_on_cpu
+from tests.numerics import assert_close_at_scale, assert_dicts_close_at_scale
 from tests.recipes.conftest import build_tiny_model
 
 
@@ -37,11 +38,10 @@ def test_unrepeated_gqa_attention_gives_the_same_values_and_gradients(tokenizer,
     assert sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # with gradient: unrepeated
     with torch.no_grad():
         assert not sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # inference keeps transformers' choice
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, repeated)
+        assert_close_at_scale(model(input_ids=ids, attention_mask=mask).logits, repeated)
     unrepeated, unrepeated_grads = run()
-    torch.testing.assert_close(unrepeated, repeated, atol=1e-6, rtol=1e-5)
-    for name, grad in repeated_grads.items():
-        torch.testing.assert_close(unrepeated_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert_close_at_scale(unrepeated, repeated)
+    assert_dicts_close_at_scale(unrepeated_grads, repeated_grads)
 
 
 def test_an_explicit_gqa_setting_is_left_alone(monkeypatch):
