@@ -45,19 +45,31 @@ def test_item_prompt_leaves_out_unknown_fields():
     assert item_messages("Film")[1]["content"].split("\n")[1:] == ["Title: Film"]
 
 
-def test_item_prompt_column_matches_item_messages():
+def test_item_prompt_column_writes_each_items_messages():
     items = pa.table(
         {
-            "title": ["A", "B"],
-            "description": ["", "desc"],
-            "categories": [[], ["c"]],
-            "average_rating": [None, 3.0],
-            "rating_number": [None, 2],
+            "title": ["A", "B", "C"],
+            "description": ["", "  two\n words ", ""],
+            "categories": [[], ["c", "d"], []],
+            "average_rating": [None, 3.0, 4.5],
+            "rating_number": [None, 2, None],
         }
     )
+    system = {"role": "system", "content": "You are a recommender system."}
+    instruction = "Summarise this item for a recommender, then write <answer>."
+    answer = {"role": "assistant", "content": "<answer>"}
     assert item_prompt_column(items).to_pylist() == [
-        item_messages("A"),
-        item_messages("B", "desc", ["c"], 3.0, 2),
+        [system, {"role": "user", "content": f"{instruction}\nTitle: A"}, answer],
+        [
+            system,
+            {
+                "role": "user",
+                "content": f"{instruction}\nTitle: B\nRating: 3.0 (2 ratings)\nCategories: c, d\n"
+                "Description: two words",
+            },
+            answer,
+        ],
+        [system, {"role": "user", "content": f"{instruction}\nTitle: C\nRating: 4.5"}, answer],
     ]
 
 

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from recipes.evaluation import render_item_prompt, render_user_prompt
+from recipes.evaluation import render_user_prompt
 from recipes.vectors import left_pad
-from rewards.surrogate import clipped_surrogate, item_surrogate_loss, target_log_frequency
+from rewards.surrogate import clipped_surrogate, item_surrogate_loss
 from tests.numerics import assert_close_at_scale, assert_dicts_close_at_scale
 from tests.recipes.conftest import build_trainer
 
@@ -261,7 +261,15 @@ def test_no_reasoning_loss_is_cross_entropy_over_in_batch_targets(tokenizer, syn
             torch.nn.functional.cross_entropy(scores / trainer.args.similarity_temperature, inverse) / 2
         )
     assert tokenizer.decode(prompts[0]).endswith(MARKER)
-    assert render_item_prompt(tokenizer, trainer.items[0]["prompt"]) == trainer.item_prompt_ids[0]
+    # The item prompt: the first item's messages in SmolLM2's ChatML, written out, the marker left open.
+    system, user, answer = (m["content"] for m in trainer.items[0]["prompt"])
+    assert answer == MARKER and f"Title: {trainer.items[0]['title']}\n" in user
+    text = (
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+        f"<|im_start|>assistant\n{MARKER}"
+    )
+    assert tokenizer.decode(trainer.item_prompt_ids[0]) == text
+    assert trainer.item_prompt_ids[0] == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -273,8 +281,11 @@ def test_logq_correction_subtracts_log_target_frequency_from_both_item_losses(
         tokenizer, synthetic_data, tmp_path / "b", random_lora_b=True, item_logq_correction=True
     )
     assert plain.item_log_q is None
-    log_q = target_log_frequency(corrected.train_dataset["target"], len(corrected.items))
-    assert torch.equal(corrected.item_log_q, log_q)
+    # Add-one smoothed target frequency, counted by hand: log((count + 1) / (samples + items)).
+    targets, catalog = list(corrected.train_dataset["target"]), len(corrected.items)
+    by_hand = [math.log((targets.count(i) + 1) / (len(targets) + catalog)) for i in range(catalog)]
+    assert_close_at_scale(corrected.item_log_q, torch.tensor(by_hand), rel=1e-6)
+    log_q = corrected.item_log_q
     assert log_q.exp().sum().item() == pytest.approx(1.0)
 
     # RecPO: the loss value is -mean(A) either way (ratio 1); the gradient is that of the corrected logits.

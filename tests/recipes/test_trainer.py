@@ -1,7 +1,8 @@
 """RecPOTrainer on a tiny random Llama and a tiny synthetic dataset: rollouts, rewards, advantages, runs, resume.
 
-Every number the trainer produces here is recomputed independently (plain encoders, the reward functions
-of `rewards/`), and the runs go through `recipes.recpo.main` or the command line, as a user runs them.
+Every number the trainer produces here is recomputed independently (a plain forward per sequence, cosines,
+ranks, rewards and advantages by hand: the helpers of test_evaluation.py), and the runs go through
+`recipes.recpo.main` or the command line, as a user runs them.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ from datasets import load_from_disk
 
 from recipes import recpo
 from recipes import trainer as trainer_module
-from recipes.evaluation import build_item_index, cosine_scores, sample_indices
-from recipes.vectors import encode_sequences
-from rewards import ndcg, softmax
-from rewards.advantages import group_advantages
+from recipes.evaluation import sample_indices
 from rewards.ranking import ranking_metrics
+from tests.numerics import assert_close_at_scale
 from tests.recipes.conftest import build_trainer, chain_model, recpo_args
+from tests.recipes.test_evaluation import (
+    hand_ndcg,
+    hand_scores,
+    hand_softmax,
+    plain_vectors,
+    rank_window,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "<answer>"
@@ -114,28 +120,33 @@ def test_advantages_are_recpo_group_advantages_of_the_fused_reward(
     output = trainer._generate_and_score_completions(inputs)
     assert len(calls) == int(fast_rollouts)
 
-    # Independently: user vectors of prompt + completion, a freshly built index, the rewards of rewards/.
+    # Independently: a plain forward per rollout and per item, cosines, ranks and rewards by hand.
     model = trainer.model
     sequences = rollout_sequences(output)
     assert all(tokenizer.decode(s).endswith(MARKER) for s in sequences)
-    model.eval()
-    with torch.no_grad():
-        users = encode_sequences(model, sequences, tokenizer.pad_token_id)
-        index = build_item_index(model, trainer.item_prompt_ids, tokenizer.pad_token_id, progress=None)
-    model.train()
-    scores = cosine_scores(users, index, trainer.args.similarity_temperature)
-    columns = {
-        "target": [row["target"] for row in inputs],
-        "history": [row["history"] for row in inputs],
-    }
-    ndcg_reward = torch.tensor(ndcg(scores=scores, ndcg_cutoff=1000, **columns))
-    softmax_reward = torch.tensor(softmax(scores=scores, **columns))
-    torch.testing.assert_close(
-        trainer._last_rewards_per_func, torch.stack([ndcg_reward, softmax_reward], 1), atol=1e-5, rtol=1e-3
+    scores = hand_scores(
+        plain_vectors(model, sequences),
+        plain_vectors(model, trainer.item_prompt_ids),
+        trainer.args.similarity_temperature,
     )
-    fused = 0.95 * ndcg_reward + 0.05 * softmax_reward
-    expected = group_advantages(fused, 4, kind="leave_one_out")
-    torch.testing.assert_close(output["advantages"], expected, atol=1e-5, rtol=1e-3)
+    targets, histories = [row["target"] for row in inputs], [row["history"] for row in inputs]
+    rewards = trainer._last_rewards_per_func  # (8, 2): ndcg, softmax
+    softmax_by_hand = [hand_softmax(*case) for case in zip(scores, targets, histories, strict=True)]
+    assert_close_at_scale(rewards[:, 1], torch.tensor(softmax_by_hand), name="softmax reward")
+    exact = 0
+    for j in range(8):
+        best, worst = rank_window(scores[j], targets[j], histories[j])
+        ndcg = rewards[j, 0].item()
+        assert hand_ndcg(worst) - 1e-6 <= ndcg <= hand_ndcg(best) + 1e-6, f"rollout {j}: ranks {best}-{worst}"
+        exact += best == worst
+    assert exact >= 5, f"only {exact} of 8 rollouts have a clearly separated target"
+    # Leave-one-out advantages of the fused reward 0.95 NDCG + 0.05 P: r_j minus the mean of its group's others.
+    fused = [0.95 * n + 0.05 * p for n, p in rewards.tolist()]
+    expected = []
+    for g in range(2):
+        group = fused[4 * g : 4 * g + 4]
+        expected += [r - (sum(group) - r) / 3 for r in group]
+    assert_close_at_scale(output["advantages"], torch.tensor(expected), name="advantages")
     assert output["advantages"].abs().sum() > 0  # rollouts of a group differ: the check is not 0 == 0
     assert list(trainer._logs["advantages"])[-8:] == pytest.approx(output["advantages"].tolist())
 
@@ -144,7 +155,7 @@ def test_advantages_are_recpo_group_advantages_of_the_fused_reward(
     grouped = output["advantages"].view(2, 4)
     for g in range(2):
         assert grouped[g][relabel[g]].min() >= grouped[g][~relabel[g]].max()
-    assert output["target_index"].tolist() == columns["target"]
+    assert output["target_index"].tolist() == targets
 
 
 def test_active_dropout_sends_rollouts_to_generate(tokenizer, synthetic_data, tmp_path, caplog):
@@ -172,9 +183,7 @@ def test_rollouts_are_scored_before_or_after_the_target_rows_are_refreshed(
         score_with_fresh_targets=fresh_targets,
     )
     model = trainer.model
-    model.eval()
-    with torch.no_grad():
-        current = build_item_index(model, trainer.item_prompt_ids, tokenizer.pad_token_id, progress=None)
+    current = plain_vectors(model, trainer.item_prompt_ids).float()
     # An index from an older policy: every row off its current vector.
     noise = torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
     stale = current + 0.5 * current.std() * noise
@@ -185,29 +194,26 @@ def test_rollouts_are_scored_before_or_after_the_target_rows_are_refreshed(
     output = trainer._generate_and_score_completions(inputs)
 
     targets = sorted({row["target"] for row in rows})
-    torch.testing.assert_close(
-        trainer.item_index[targets], current[targets], atol=1e-4, rtol=1e-3
-    )  # refreshed
+    assert_close_at_scale(trainer.item_index[targets], current[targets], name="refreshed rows")
+    others = [i for i in range(len(current)) if i not in targets]
+    assert torch.equal(trainer.item_index[others], stale[others])  # the other rows are left as they were
     with_fresh_targets = stale.clone()
     with_fresh_targets[targets] = current[targets]
-    sequences = rollout_sequences(output)
-    model.eval()
-    with torch.no_grad():
-        users = encode_sequences(model, sequences, tokenizer.pad_token_id)
-    model.train()
-    columns = {"target": [row["target"] for row in inputs], "history": [row["history"] for row in inputs]}
+    users = plain_vectors(model, rollout_sequences(output))
+    cases = [(row["target"], row["history"]) for row in inputs]
 
-    def ndcg_against(index):
-        scores = cosine_scores(users, index, trainer.args.similarity_temperature)
-        return torch.tensor(ndcg(scores=scores, ndcg_cutoff=1000, **columns))
+    def windows_against(index) -> list[tuple[int, int]]:
+        """Each rollout's best and worst rank by hand (equal where its target stands clear of every other)."""
+        scores = hand_scores(users, index, trainer.args.similarity_temperature)
+        return [rank_window(row, *case) for row, case in zip(scores, cases, strict=True)]
 
     scored, other = (with_fresh_targets, stale) if fresh_targets else (stale, with_fresh_targets)
-    torch.testing.assert_close(
-        trainer._last_rewards_per_func[:, 0], ndcg_against(scored), atol=1e-5, rtol=1e-3
-    )
-    assert not torch.allclose(
-        ndcg_against(other), ndcg_against(scored)
-    )  # the order is visible in the rewards
+    windows = windows_against(scored)
+    for j, (best, worst) in enumerate(windows):
+        ndcg = trainer._last_rewards_per_func[j, 0].item()
+        assert hand_ndcg(worst) - 1e-6 <= ndcg <= hand_ndcg(best) + 1e-6, f"rollout {j}: ranks {best}-{worst}"
+    assert sum(best == worst for best, worst in windows) >= 5  # most rollouts compared exactly
+    assert windows_against(other) != windows  # the order is visible in the rewards
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -325,19 +331,86 @@ def test_item_warmup_steps_train_without_reasoning_then_recpo_takes_over(
     assert traces and all(json.loads(line)["reasoning"] for line in traces[-1].read_text().splitlines())
 
 
-def test_the_item_index_is_rebuilt_when_recpo_starts_after_the_warmup(
-    tokenizer, synthetic_data, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("warmup", "refresh", "built_at"),
+    [
+        (0, 0, [0]),  # built once, then only evaluations rebuild it
+        (2, 0, [0, 2]),  # stale once the item warm-up ended, then kept
+        (0, 2, [0, 2, 4]),  # every `index_refresh_steps` steps
+        (2, 3, [0, 2, 5]),  # the warm-up's end, then 3 steps after that rebuild
+    ],
+)
+def test_the_item_index_is_built_at_the_start_and_rebuilt_on_its_schedule(
+    tokenizer, synthetic_data, tmp_path, monkeypatch, warmup, refresh, built_at
 ):
-    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", item_warmup_steps=2)
-    rebuilt = []
-    monkeypatch.setattr(trainer, "refresh_item_index", lambda: rebuilt.append(trainer.state.global_step))
-    trainer.item_index, trainer.index_step = torch.zeros(3, 4), 0  # built before training (the evaluation)
-    for step in (0, 1, 2, 3):
+    trainer = build_trainer(
+        tokenizer, synthetic_data, tmp_path / "out", item_warmup_steps=warmup, index_refresh_steps=refresh
+    )
+    built, build = [], trainer.refresh_item_index
+    monkeypatch.setattr(
+        trainer, "refresh_item_index", lambda: built.append(trainer.state.global_step) or build()
+    )
+    indexes = []
+    for step in range(6):
         trainer.state.global_step = step
-        trainer._ensure_index()
-        if rebuilt and trainer.index_step != rebuilt[-1]:
-            trainer.index_step = rebuilt[-1]
-    assert rebuilt == [2]  # stale once the warm-up ended, then kept (no periodic refresh)
+        indexes.append(trainer._ensure_index())
+        assert trainer.index_step == max(s for s in built_at if s <= step)
+        assert indexes[-1] is trainer.item_index
+    assert built == built_at
+    assert indexes[0].shape == (len(trainer.items), trainer.model.config.hidden_size)
+    for step in range(1, 6):  # a rebuild is a new tensor; between rebuilds the same one is reused
+        assert (indexes[step] is not indexes[step - 1]) == (step in built_at), step
+
+
+def test_a_training_step_moves_each_lora_weight_by_adams_first_step_and_no_frozen_weight(
+    tokenizer, synthetic_data, tmp_path
+):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    trainer = build_trainer(
+        tokenizer, synthetic_data, tmp_path / "out", random_lora_b=True, max_steps=1, temperature=4.0
+    )
+    model = trainer.model
+    names = {id(p): name for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads: dict[str, torch.Tensor] = {}  # the gradients the optimiser steps with (clipped)
+
+    def keep_gradients(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            grads.update(
+                {names[id(p)]: p.grad.detach().clone() for p in group["params"] if p.grad is not None}
+            )
+
+    handle = register_optimizer_step_pre_hook(keep_gradients)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert trainer.state.global_step == 1
+    after = {name: p.detach() for name, p in model.named_parameters()}
+    lora = sorted(name for name in before if "lora_" in name)
+    assert len(lora) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    assert sorted(grads) == lora  # the optimiser steps the adapter only
+
+    # Clipping at max_grad_norm 1.0 scaled the gradient the trainer logged.
+    logged_norm = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e][-1]
+    clipped_norm = torch.cat([g.flatten() for g in grads.values()]).norm().item()
+    assert clipped_norm == pytest.approx(min(logged_norm, trainer.args.max_grad_norm), rel=1e-4)
+    # Adam's first step: m = (1 - b1) g and v = (1 - b2) g^2 bias-corrected to g and g^2, so each weight moves
+    # by -lr g / (|g| + eps): lr wherever |g| >> eps (constant schedule, no warm-up, no weight decay).
+    lr, eps = trainer.args.learning_rate, trainer.args.adam_epsilon
+    for name in lora:
+        g = grads[name].double()
+        assert_close_at_scale(after[name] - before[name], -lr * g / (g.abs() + eps), rel=1e-3, name=name)
+    moved = torch.cat([(after[name] - before[name]).abs().flatten() for name in lora])
+    assert (moved > 0.99 * lr).float().mean().item() > 0.9  # the learning rate, not a rescaled one
+    # The frozen weights: unchanged, to the rounding that merging the adapter for generation and unmerging it
+    # leaves (float32, an ulp or two of the weight: 1e-8 here, against steps of lr = 1e-3).
+    for name in before:
+        if name not in grads:
+            assert_close_at_scale(after[name], before[name], rel=1e-6, name=name)
+            if "base_layer" not in name:  # no adapter merged into it: exactly as it was
+                assert torch.equal(after[name], before[name]), name
 
 
 def test_early_stopping_stops_a_run_whose_valid_ndcg_does_not_improve(tokenizer, synthetic_data, tmp_path):

@@ -62,12 +62,28 @@ def test_rank_is_batched_per_user():
     assert target_rank(scores, torch.tensor([3, 1, 0]), exclude).tolist() == [1, 4, 1]
 
 
-def test_bfloat16_scores_rank_like_float32():
-    scores = torch.randn(8, 50)
-    target = torch.randint(0, 50, (8,))
+def test_bfloat16_rounding_ties_count_against_the_target():
+    # bfloat16 keeps 8 significant bits: near 1.0 its spacing is 2**-7 above and 2**-8 below, so the float32
+    # scores 1.001 and 0.999 both round to 1.0 and tie with a target at 1.0; 0.99 rounds to 0.98828125.
+    scores = torch.tensor([[1.0, 1.001, 0.999, 1.5, 0.5, 0.99]] * 3)
+    target = torch.tensor([0, 1, 0])
+    exclude = history_mask([[], [], [3]], 6)
     rounded = scores.bfloat16()
-    assert torch.equal(target_rank(rounded, target), target_rank(rounded.float(), target))
-    assert softmax_reward(rounded, target).dtype == torch.float32
+    assert rounded[0].float().tolist() == [1.0, 1.0, 1.0, 1.5, 0.5, 0.98828125]
+    # float32: 1.001 and 1.5 beat item 0 (rank 3); only 1.5 beats item 1 (2); with 1.5 masked, 1.001 (2).
+    assert target_rank(scores, target, exclude).tolist() == [3, 2, 2]
+    # bfloat16: items 1 and 2 now tie with item 0 and count against it (1 + 3 = 4), items 0 and 2 tie with
+    # item 1 (4), and with 1.5 masked item 0 still loses to its two ties (3).
+    assert target_rank(rounded, target, exclude).tolist() == [4, 4, 3]
+    p = softmax_reward(rounded, target, exclude)
+    assert p.dtype == torch.float32
+    others = math.exp(0.5) + math.exp(0.98828125)
+    expected = [
+        math.e / (3 * math.e + math.exp(1.5) + others),
+        math.e / (3 * math.e + math.exp(1.5) + others),
+        math.e / (3 * math.e + others),
+    ]
+    assert p.tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_ndcg_reward_cutoff_is_inclusive_at_k():

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from rewards import REWARD_FUNCS, get_reward_funcs
-from rewards.ranking import history_mask, ndcg_reward, softmax_reward, target_rank
 
 
 def trl_call(func, scores, target: list[int], history: list[list[int]], **extra) -> list[float]:
@@ -56,11 +55,17 @@ def test_ndcg_cutoff_applies_and_defaults_to_1000():
     assert trl_call(REWARD_FUNCS["ndcg"], scores, target, history, ndcg_cutoff=[5000, 5000])[1] > 0
 
 
-def test_fused_reward_matches_the_ranking_functions():
-    torch.manual_seed(0)
-    scores = torch.randn(8, 30).bfloat16() * 50
-    target = torch.randint(0, 30, (8,)).tolist()
-    history = [torch.randperm(30)[:5].tolist() for _ in range(8)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # every score is exact in bfloat16
+def test_fused_reward_of_a_hand_made_score_matrix(dtype):
+    scores = torch.tensor(
+        [
+            [2.0, 1.0, 3.0, 1.0, 0.0],  # target 1, history item 2 (the best) masked, item 3 ties: rank 3
+            [0.5, 0.5, 0.5, 4.0, -1.0],  # target 3 in its own history: still ranked, first
+            [1.0, 1.0, 1.0, 1.0, 1.0],  # every item ties: last of 5
+        ],
+        dtype=dtype,
+    )
+    target, history = [1, 3, 4], [[2], [3, 0], []]
     fused = [
         0.95 * n + 0.05 * p
         for n, p in zip(
@@ -69,10 +74,15 @@ def test_fused_reward_matches_the_ranking_functions():
             strict=True,
         )
     ]
-    exclude = history_mask(history, 30)
-    rank = target_rank(scores, torch.tensor(target), exclude)
-    expected = 0.95 * ndcg_reward(rank) + 0.05 * softmax_reward(scores, torch.tensor(target), exclude)
-    assert fused == pytest.approx(expected.tolist(), abs=1e-6)
+    e = math.exp
+    ndcg_by_hand = [1 / math.log2(3 + 1), 1.0, 1 / math.log2(5 + 1)]
+    softmax_by_hand = [
+        e(1.0) / (e(2.0) + e(1.0) + e(1.0) + e(0.0)),  # over items 0, 1, 3, 4
+        e(4.0) / (e(0.5) + e(0.5) + e(4.0) + e(-1.0)),  # over items 1, 2, 3, 4
+        1 / 5,
+    ]
+    expected = [0.95 * n + 0.05 * p for n, p in zip(ndcg_by_hand, softmax_by_hand, strict=True)]
+    assert fused == pytest.approx(expected, rel=1e-6)
 
 
 def test_mismatched_lengths_are_reported():
