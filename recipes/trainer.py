@@ -733,6 +733,11 @@ def _subset(dataset: Dataset | None, limit: int | None, seed: int) -> list[dict]
 
 
 def steps_per_epoch(num_samples: int, args: RecPOConfig, num_processes: int) -> int:
-    users_per_step = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
-    users_per_step //= max(args.num_generations or 1, 1)
-    return max(1, math.ceil(num_samples / max(users_per_step, 1)))
+    """Optimizer steps in an epoch, as the trainer counts them: TRL's sampler drops the last, incomplete generation
+    batch (`generation_batch_size / num_generations` users), and each generation batch feeds
+    `steps_per_generation x num_iterations` micro-steps."""
+    per_generation = args.steps_per_generation or args.gradient_accumulation_steps
+    rollouts = args.per_device_train_batch_size * num_processes * per_generation
+    users = rollouts // max(args.num_generations or 1, 1)
+    micro_steps = num_samples // max(users, 1) * per_generation * args.num_iterations
+    return max(1, math.ceil(micro_steps / args.gradient_accumulation_steps))
