@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -42,8 +43,23 @@ def sample_indices(count: int, limit: int | None, seed: int) -> list[int]:
     return indices
 
 
+_SYSTEM_ROLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, answer)
+
+
 def supports_system_role(tokenizer) -> bool:
-    """Some chat templates (Gemma-2's) reject a system turn."""
+    """Whether the tokenizer's chat template accepts a system turn (Gemma-2's raises).
+
+    The answer is kept per tokenizer and template: the renderers ask for every prompt of a catalog of thousands.
+    """
+    template = str(tokenizer.chat_template)
+    known = _SYSTEM_ROLE.get(tokenizer)
+    if known is None or known[0] != template:
+        known = (template, _probe_system_role(tokenizer))
+        _SYSTEM_ROLE[tokenizer] = known
+    return known[1]
+
+
+def _probe_system_role(tokenizer) -> bool:
     try:
         tokenizer.apply_chat_template(
             [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], tokenize=False
@@ -64,8 +80,16 @@ def fold_system_turn(messages: list[dict]) -> list[dict]:
     return [{"role": "user", "content": system}, *rest]
 
 
+def messages_for(tokenizer, messages: list[dict]) -> list[dict]:
+    """The stored messages as this tokenizer's template can render them: the system turn folded into the user
+    turn where the template rejects one, unchanged otherwise. Every rendering of a stored prompt (the renderers
+    below, the trainer's rollouts) goes through here."""
+    return messages if supports_system_role(tokenizer) else fold_system_turn(messages)
+
+
 def render_user_prompt(tokenizer, messages: list[dict], reasoning: bool, marker: str) -> list[int]:
     """Token ids of a user prompt: ready for reasoning, or (no-reasoning) with the marker pre-filled."""
+    messages = messages_for(tokenizer, messages)
     if reasoning:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
@@ -79,7 +103,9 @@ def render_item_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of an item prompt; its assistant turn is pre-filled with the marker and left open."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("An item prompt must end with the assistant turn pre-filled with the answer marker")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    text = tokenizer.apply_chat_template(
+        messages_for(tokenizer, messages), tokenize=False, continue_final_message=True
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -279,3 +305,4 @@ __all__ = [
     "supports_system_role",
     "unwrap",
 ]
+    "messages_for",

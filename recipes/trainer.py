@@ -2,6 +2,8 @@
 
 What RecPO changes, and where (DESIGN.md sections 2-4):
 - rollouts stop at the answer marker and are closed with it (`_generate_single_turn`);
+- the rollouts' prompts fold the system turn into the user turn where the chat template rejects one
+  (Gemma-2's), as every other rendering of a stored prompt does (`_tokenize_prompts`);
 - each rollout's user vector is scored against the full catalog index before the rewards are computed,
   and the scores reach the reward functions of `rewards/` as a column (`_calculate_rewards`);
 - advantages and the relabel mask are RecPO's (`_generate_and_score_completions`);
@@ -30,6 +32,7 @@ from datasets import Dataset
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, LogitsProcessorList, Trainer, TrainerCallback
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 
 from recipes.config import RecPOConfig
 from recipes.decoding import UnsupportedSampling, reason_and_encode, sampling_warpers, unsupported_head
@@ -39,6 +42,7 @@ from recipes.evaluation import (
     cosine_scores,
     evaluate_users,
     mean_pairwise_cosine,
+    messages_for,
     rank_targets,
     render_item_prompt,
     render_user_prompt,
@@ -339,6 +343,12 @@ class RecPOTrainer(GRPOTrainer):
             ids, mask = left_pad(sequences, self.processing_class.pad_token_id, self.accelerator.device)
             vectors = last_token_hidden(self.model, ids, mask)
         return vectors.float()  # (n, d)
+
+    def _tokenize_prompts(self, prompts: list):
+        """TRL renders the rollouts' prompts from the stored messages: fold the system turn as our renderers do."""
+        if is_conversational({"prompt": prompts[0]}):
+            prompts = [messages_for(self.processing_class, prompt) for prompt in prompts]
+        return super()._tokenize_prompts(prompts)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         started = time.perf_counter()
