@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in available()]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; available: {available()}")
+    from recipes.precision import cpu_bf16_units, cpu_model
+
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores, bf16 matrix units: {cpu_bf16_units() or 'none'}",
+        flush=True,
+    )
     status = 0
     for name in names:
         print(f"=== bench {name} ===", flush=True)

@@ -2,7 +2,7 @@
 
     python -m benchmarks evaluate                        # embedded SmolLM2-135M, CPU: index + 200 valid users
     python -m benchmarks evaluate -- --no-adapter        # the bare model (recipes.evaluate on a base model)
-    python -m benchmarks evaluate -- --dtype bfloat16    # what bf16 weights would cost (changes the vectors)
+    python -m benchmarks evaluate -- --dtype float32     # one precision only
 
 Times what `make train` pays at each evaluation, with the CPU recipe's settings: the 1,682 MovieLens-100K
 items encoded in batches of 64 (`item_batch_size`), then 200 seeded valid users (`max_eval_users`), 25 at a
@@ -10,7 +10,8 @@ time (`eval_batch_users`), each writing up to 16 reasoning tokens before the ans
 trainer's own functions (`build_item_index`, `evaluate_users`). The model carries a fresh LoRA adapter of
 the recipe's shape (r 16 on every projection, unmerged), as the trainer's model does; its B matrices are
 zero, so the figures are the untrained model's, at the trained model's cost. Prints each part's seconds,
-the throughput, and the process's peak resident memory.
+the throughput, and the process's peak resident memory. `--dtype both` (the default) times float32 base
+weights and then bfloat16 ones, where the CPU has bf16 matrix units, and prints the ratios.
 """
 
 from __future__ import annotations
@@ -31,11 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-batch-size", type=int, default=64, help="items encoded at once (default: 64)")
     parser.add_argument("--no-adapter", action="store_true", help="time the bare model, without LoRA")
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (default: float32)"
+        "--dtype",
+        default="both",
+        choices=["float32", "bfloat16", "both"],
+        help="base weights (default: both, bfloat16 only where the CPU has bf16 matrix units)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args(argv)
+    from benchmarks.bench_step import precisions_to_time
 
+    timed = {dtype: time_evaluation(args, dtype) for dtype in precisions_to_time(args.dtype)}
+    base = timed.get("float32")
+    for dtype, (index_s, eval_s) in timed.items():
+        if dtype != "float32" and base:
+            print(
+                f"{dtype} / float32: item index {index_s / base[0]:.2f}x ({index_s:.1f}s / {base[0]:.1f}s), "
+                f"greedy reasoning {eval_s / base[1]:.2f}x ({eval_s:.1f}s / {base[1]:.1f}s)"
+            )
+    return 0
+
+
+def time_evaluation(args, dtype: str) -> tuple[float, float]:
+    """Build the index and evaluate the users in `dtype`; print the figures; return (index s, evaluation s)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -53,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     data = load_dataset_dir(ensure_data())
     started = time.perf_counter()
-    loaded = load_for_inference(EMBEDDED_MODEL, device="cpu", dtype=args.dtype)
+    loaded = load_for_inference(EMBEDDED_MODEL, device="cpu", dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if not args.no_adapter:
         lora = LoraConfig(
@@ -87,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_s = time.perf_counter() - started
 
     adapter = "no adapter" if args.no_adapter else "LoRA r16 on every projection, unmerged"
-    print(f"embedded SmolLM2-135M, {args.dtype}, {adapter}, {torch.get_num_threads()} threads")
+    print(f"embedded SmolLM2-135M, {dtype}, {adapter}, {torch.get_num_threads()} threads")
     print(f"load: {loading:.1f}s")
     print(
         f"item index: {len(prompts):,} items ({tokens - shared * len(prompts):,} prompt tokens after a shared prefix of "
@@ -99,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         f"time) in {eval_s:.1f}s, {len(rows) / eval_s:.2f} users/s; mean rank {result.ranks.float().mean().item():.1f}"
     )
     print(f"index + evaluation of one split: {index_s + eval_s:.1f}s")
-    print(f"peak resident memory {peak_rss_mb():,.0f} MB")
-    return 0
+    print(f"peak resident memory so far {peak_rss_mb():,.0f} MB")
+    return index_s, eval_s
 
 
 if __name__ == "__main__":

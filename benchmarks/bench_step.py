@@ -1,8 +1,8 @@
 """Time split of a RecPO step: generation, scoring (vectors + rewards), update, and peak memory.
 
-    python -m benchmarks step                                  # embedded SmolLM2-135M, CPU: before and after
-    python -m benchmarks step -- --variant after --reasoning false   # the no-reasoning step
-    python -m benchmarks step -- --shape qwen2.5-0.5b --bf16 --variant after   # random Qwen2.5-0.5B on a GPU
+    python -m benchmarks step                      # embedded SmolLM2-135M, CPU: RecPO and warm-up steps, fp32 and bf16
+    python -m benchmarks step -- --variant both --precision float32  # TRL's own path against RecPO's, float32
+    python -m benchmarks step -- --shape qwen2.5-0.5b --bf16 --precision float32   # random Qwen2.5-0.5B on a GPU
 
 Runs a few real training steps of `recipes/recpo.py` on MovieLens-100K (history window 5) and reads
 the per-step timings the trainer logs (`timing/generation_s`, `timing/scoring_s`, `step_time`) and its
@@ -12,6 +12,10 @@ reported apart. Random weights have the speed of trained ones, so the larger sha
 Variants: `before` is the path of TRL's own generate and log-prob forward with LoRA dropout active (the
 CPU recipe until December 2026); `after` is the current CPU recipe's (`disable_dropout`, RecPO's rollout
 loop, the shared-prompt forward). `both` runs one after the other, so the gain shows in one run.
+`--precision both` (the default) times each step with float32 base weights and then with bfloat16 ones
+(`--precision` of recipes/recpo.py) where the CPU has bf16 matrix units, and prints the bf16 / float32 ratio;
+`--reasoning both` (the default) times the RecPO step (with reasoning) and the no-reasoning step, which is
+the CPU recipe's item warm-up step.
 """
 
 from __future__ import annotations
@@ -100,19 +104,55 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--variant",
-        default="both",
+        default="after",
         choices=["before", "after", "both"],
-        help="which path to time (default: both, one after the other)",
+        help="which path to time (default: after, the CPU recipe's; both: before then after)",
     )
     parser.add_argument(
-        "--reasoning", default="true", choices=["true", "false"], help="false: the no-reasoning step"
+        "--reasoning",
+        default="both",
+        choices=["true", "false", "both"],
+        help="true: the RecPO step; false: the no-reasoning (warm-up) step; both (default)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="both",
+        choices=["float32", "bfloat16", "both"],
+        help="base weights (default: both, bfloat16 only where the CPU has bf16 matrix units)",
     )
     args = parser.parse_args(argv)
     variants = ["before", "after"] if args.variant == "both" else [args.variant]
-    status = 0
-    for variant in variants:
-        status |= run_variant(args, variant)
+    modes = ["true", "false"] if args.reasoning == "both" else [args.reasoning]
+    precisions = precisions_to_time(args.precision)
+    status, steady = 0, {}
+    for mode in modes:
+        for variant in variants:
+            for precision in precisions:
+                seconds = run_variant(args, variant, mode, precision)
+                status |= seconds is None
+                steady[(mode, variant, precision)] = seconds
+    for (mode, variant, precision), seconds in steady.items():
+        base = steady.get((mode, variant, "float32"))
+        if precision != "float32" and seconds and base:
+            kind = "RecPO step" if mode == "true" else "no-reasoning (warm-up) step"
+            print(
+                f"{kind} [{variant}]: {precision} {seconds:.2f}s / float32 {base:.2f}s = {seconds / base:.2f}x"
+            )
     return status
+
+
+def precisions_to_time(requested: str) -> list[str]:
+    """float32, bfloat16 or both; bfloat16 is skipped (and said so) where the CPU lacks bf16 matrix units."""
+    from recipes.precision import cpu_bf16_units
+
+    if requested != "both":
+        return [requested]
+    if cpu_bf16_units() is None:
+        print(
+            "this CPU has no bf16 matrix units (AMX-BF16, AVX512-BF16): timing float32 only (the recipe's choice)"
+        )
+        return ["float32"]
+    return ["float32", "bfloat16"]
 
 
 VARIANTS = {
@@ -127,14 +167,17 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def run_variant(args: argparse.Namespace, variant: str) -> int:
+def run_variant(args: argparse.Namespace, variant: str, reasoning: str, precision: str) -> float | None:
+    """Run the steps; print their split; return the steady step's mean seconds (None if none was logged)."""
 
     model = (
         "embedded/SmolLM2-135M-Instruct"
         if args.shape == "embedded"
         else random_model(args.shape, args.tokenizer)
     )
-    output = OUT / f"run-{args.shape}-{args.cache_implementation or 'dynamic'}-{variant}"
+    output = (
+        OUT / f"run-{args.shape}-{args.cache_implementation or 'dynamic'}-{variant}-{reasoning}-{precision}"
+    )
     command = [
         sys.executable, "recipes/recpo.py",
         "--model_name_or_path", model, "--data_dir", ensure_data(), "--output_dir", str(output),
@@ -145,7 +188,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> int:
         "--gradient_checkpointing", "false", "--eval_strategy", "no", "--save_strategy", "no",
         "--evaluate_before", "false", "--max_eval_users", "1", "--max_test_users", "1", "--evaluate_test", "false",
         "--logging_steps", "1", "--report_to", "none", "--log_completions", "false", "--item_batch_size", "64",
-        "--bf16", str(args.bf16).lower(), "--reasoning", args.reasoning, *VARIANTS[variant],
+        "--bf16", str(args.bf16).lower(), "--reasoning", reasoning, "--precision", precision, *VARIANTS[variant],
     ]  # fmt: skip
     if args.cache_implementation:
         command += ["--cache_implementation", args.cache_implementation]
@@ -166,14 +209,15 @@ def run_variant(args: argparse.Namespace, variant: str) -> int:
     steps = [e for e in state["log_history"] if "step_time" in e]
     if not steps:
         print("no step timings were logged", file=sys.stderr)
-        return 1
+        return None
 
     def split(entry):
         generation, scoring = entry.get("timing/generation_s", 0.0), entry.get("timing/scoring_s", 0.0)
         return entry["step_time"], generation, scoring, entry["step_time"] - generation - scoring
 
     print(
-        f"[{variant}] model={args.shape} bf16={args.bf16} reasoning={args.reasoning} users/step={args.users} "
+        f"[{variant}] model={args.shape} precision={precision} bf16={args.bf16} reasoning={reasoning} "
+        f"users/step={args.users} "
         f"G={args.generations} new_tokens={args.new_tokens} cache={args.cache_implementation or 'dynamic'}"
     )
     first = split(steps[0])
@@ -195,7 +239,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> int:
         gpu = max(e.get("memory/peak_gpu_mb", 0.0) for e in steps)
         print(f"  peak resident memory {rss:,.0f} MB" + (f", peak GPU memory {gpu:,.0f} MB" if gpu else ""))
     print(f"wall time of the whole run (load, index, steps): {wall:.1f}s")
-    return 0
+    return total
 
 
 if __name__ == "__main__":

@@ -53,6 +53,16 @@ class ScriptArguments:
             "passed; the final evaluation still runs. Lets a CPU run fit a wall-clock budget on any machine."
         },
     )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen base weights: `auto`, `float32` or `bfloat16`. `auto`: on a CPU, bfloat16 "
+            "where it has bf16 matrix units (AMX-BF16 or AVX512-BF16, read from its feature flags), else float32; "
+            "on a GPU, the model's `dtype` (the paper recipes: bfloat16). The LoRA weights, optimizer state, "
+            "log-softmax, cosines, softmaxes and losses stay float32 either way (recipes/precision.py). The "
+            "paper trains in bf16. The run records what was used in run_config.json."
+        },
+    )
     lora_top_layers: int | None = field(
         default=None,
         metadata={
@@ -133,8 +143,28 @@ class RecPOConfig(GRPOConfig):
             "help": "Subtract log q(i) from each in-batch column's score in the item loss, q(i) being how often "
             "item i is a training target (add-one smoothed). In-batch negatives are drawn by popularity, so the "
             "plain in-batch softmax learns cos ~ log p(i|u) - log p(i) and unlearns popularity, which "
-            "full-catalog Hit@K rewards; the correction makes it estimate the full softmax instead (sampled-"
-            "softmax bias correction). Not in the paper: false reproduces it."
+            "full-catalog Hit@K rewards; the correction makes it estimate the full softmax of the score instead "
+            "(sampled-softmax bias correction; with popularity_prior_weight lambda, each column's logit is then "
+            "cos / tau + (lambda - 1) log q). Not in the paper: false reproduces it."
+        },
+    )
+    popularity_prior_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda of the popularity prior: s(u, i) = cos(h_u, h_i) / tau + lambda * log q(i), q(i) being item "
+            "i's share of the train split's targets (add-one smoothed). Every consumer of the score uses it: the "
+            "RecPO rewards (rank and softmax), the item loss (each in-batch column gets + lambda log q), the "
+            "evaluation, and the run's `recipes.evaluate` / `recipes.recommend` (stored as score_prior.pt). An "
+            "in-batch softmax with popularity-drawn negatives learns about log p(i|u) - log q(i); the prior adds "
+            "log q back at ranking. With item_logq_correction and lambda 1 the two cancel in the item loss, which "
+            "is then the paper's, while the ranking keeps the prior. Not in the paper: 0 reproduces it."
+        },
+    )
+    popularity_prior_half_life_days: float | None = field(
+        default=None,
+        metadata={
+            "help": "Count each train target 2^(-age / half-life) in the popularity prior, its age in days before the "
+            "last train target (default: None, every target counts 1)."
         },
     )
     item_negatives: int = field(
@@ -304,6 +334,10 @@ class RecPOConfig(GRPOConfig):
             raise ValueError(f"similarity_temperature must be positive, got {self.similarity_temperature}")
         if self.item_negatives < 0 or self.item_warmup_steps < 0:
             raise ValueError("item_negatives and item_warmup_steps must be >= 0")
+        if self.popularity_prior_half_life_days is not None and self.popularity_prior_half_life_days <= 0:
+            raise ValueError(
+                f"popularity_prior_half_life_days must be positive, got {self.popularity_prior_half_life_days}"
+            )
         if self.relabel_topk < 1:
             raise ValueError(f"relabel_topk must be at least 1, got {self.relabel_topk}")
         if self.bf16 is None:  # TRL turns bf16 on by default; that needs a GPU, so decide by the hardware

@@ -48,11 +48,18 @@ def evaluation_key(trainer, splits: dict[str, list[dict] | None], data_fingerpri
             "marker": args.answer_marker,
             "eval_batch_users": args.eval_batch_users,
             "item_batch_size": args.item_batch_size,
+            "prior": _tensor_digest(trainer.prior_bias),
         },
         "device": [param.device.type, str(param.dtype), trainer.accelerator.num_processes],
         "versions": [torch.__version__, transformers.__version__, trl.__version__],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _tensor_digest(tensor: torch.Tensor | None) -> str | None:
+    if tensor is None:
+        return None
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def cache_path(key: str) -> Path:

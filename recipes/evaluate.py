@@ -35,9 +35,10 @@ from datasets import Dataset
 from recipes.baselines import format_table, load_dataset_dir
 from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt, sample_indices
 from recipes.intervals import per_user_record
-from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference
+from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference, read_prior
 from recipes.modeling import EMBEDDED_MODEL
 from recipes.vectors import MarkerCloser
+from rewards.prior import ScorePrior, train_prior
 
 logger = logging.getLogger("recipes.evaluate")
 
@@ -72,6 +73,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.02,
         help="tau in s(u, i) = cos(h_u, h_i) / tau (default: 0.02, the paper's).",
     )
+    prior = parser.add_mutually_exclusive_group()
+    prior.add_argument(
+        "--popularity-prior-weight",
+        type=float,
+        default=None,
+        help="Score with s = cos / tau + W log q(i), q from the --data train split's targets (add-one smoothed); 0 "
+        "scores without a prior. Default: the run's own prior when --model is a run trained with one "
+        "(score_prior.pt), else none (the paper's score).",
+    )
+    prior.add_argument(
+        "--prior-from",
+        default=None,
+        help="Score with the popularity prior of this run (its folder or its score_prior.pt), whatever --model is: "
+        "e.g. the untrained model scored as a trained run scores.",
+    )
+    parser.add_argument(
+        "--popularity-prior-half-life-days",
+        type=float,
+        default=None,
+        help="With --popularity-prior-weight: count each train target 2^(-age / half-life), its age in days before "
+        "the last train target (default: every target counts 1).",
+    )
     parser.add_argument(
         "--answer-marker",
         default="<answer>",
@@ -100,9 +123,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="Weights' dtype (default: float32; bfloat16 halves memory on a GPU).",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="The base weights' dtype. Default auto: a run's own precision (its run_config.json), otherwise bfloat16 "
+        "on a CPU with bf16 matrix units (AMX-BF16, AVX512-BF16) and float32 elsewhere (recipes/precision.py).",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (default: 0, torch's own choice)."
@@ -185,6 +209,30 @@ def write_jsonl(path: Path, records: Iterator[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def scoring_prior(args: argparse.Namespace, loaded: LoadedModel, data) -> tuple[ScorePrior | None, str]:
+    """The popularity prior to score with, and a line saying which (see the --popularity-prior-weight help)."""
+    num_items = len(data["items"])
+    if args.popularity_prior_weight is not None:
+        prior = train_prior(
+            data["train"], num_items, args.popularity_prior_weight, args.popularity_prior_half_life_days
+        )
+        how = "none" if prior is None else f"{prior.weight:g} log q(i), q from {args.data}'s train split"
+    elif args.prior_from is not None:
+        try:
+            prior = read_prior(Path(args.prior_from))
+        except ModelLoadError as err:
+            raise SystemExit(f"error: --prior-from {args.prior_from}: {err}") from err
+        how = f"{prior.weight:g} log q(i) from {args.prior_from}"
+    else:
+        prior = loaded.prior
+        how = "none" if prior is None else f"the run's own: {prior.weight:g} log q(i)"
+    if prior is not None and prior.log_q.numel() != num_items:
+        raise SystemExit(
+            f"error: the popularity prior has {prior.log_q.numel()} items, the catalog of {args.data} {num_items}"
+        )
+    return prior, how
+
+
 def load_model_or_exit(args: argparse.Namespace) -> LoadedModel:
     try:
         return load_for_inference(args.model, device=args.device, dtype=args.dtype)
@@ -234,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         use_cache=args.index_cache,
     )
     logger.info("Item index: %s", how)
+    prior, prior_how = scoring_prior(args, loaded, data)
+    logger.info("Popularity prior: %s", prior_how)
     result = evaluate_users(
         loaded.model,
         loaded.tokenizer,
@@ -246,11 +296,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         batch_size=args.batch_size,
         top_k=TRACE_TOP,
         progress=f"eval {args.split}",
+        prior=prior.bias if prior is not None else None,
     )
     results = {args.split: result.metrics()}
     per_user = {args.split: per_user_record(indices, result.ranks)}
     elapsed = time.perf_counter() - start
     mode = "reasoning" if args.reasoning else "no reasoning"
+    if prior is not None:
+        mode += f", prior {prior.weight:g} log q"
     title = f"{loaded.description} on {args.data}, {len(rows)} users, {mode} ({elapsed:.1f} s)"
     print(format_table(results, title, per_user))
     if args.reasoning:
@@ -260,7 +313,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     traces = Path(args.traces) if args.traces else default_traces_path(args.out, args.split)
     write_jsonl(traces, trace_records(rows, result, list(items["title"])))
     print(f"traces: {traces}", file=sys.stderr)
-    document = {**results, "per_user": per_user}
+    scoring = {
+        "reasoning": args.reasoning,
+        "tau": args.tau,
+        "popularity_prior_weight": prior.weight if prior is not None else 0.0,
+        "popularity_prior": prior_how,
+    }
+    document = {**results, "per_user": per_user, "scoring": scoring}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(document, indent=2) + "\n")

@@ -186,11 +186,20 @@ def greedy_reasoning(
     return completions, found
 
 
-def cosine_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, tau: float) -> torch.Tensor:
-    """s(u, i) = cos(h_u, h_i) / tau over the catalog. (users, items)"""
+def cosine_scores(
+    user_vecs: torch.Tensor, item_vecs: torch.Tensor, tau: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """s(u, i) = cos(h_u, h_i) / tau + prior(i) over the catalog, in float32. (users, items)
+
+    `prior` `(items,)` is the popularity prior's lambda * log q (`rewards.prior.ScorePrior.bias`); None is the
+    paper's score. Every ranking (rewards, evaluation, recommendations) scores through here.
+    """
     users = F.normalize(user_vecs.float(), dim=-1)
     items = F.normalize(item_vecs.float().to(users.device), dim=-1)
-    return users @ items.T / tau
+    scores = users @ items.T / tau
+    if prior is not None:
+        scores = scores + prior.float().to(scores.device).unsqueeze(0)
+    return scores
 
 
 def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
@@ -271,8 +280,9 @@ def evaluate_users(
     batch_size: int = 32,
     top_k: int = 10,
     progress: str | None = None,
+    prior: torch.Tensor | None = None,
 ) -> RankingResult:
-    """Rank the full catalog for each sample row (`prompt`, `history`, `target`)."""
+    """Rank the full catalog for each sample row (`prompt`, `history`, `target`); `prior` as in `cosine_scores`."""
     prompts = [render_user_prompt(tokenizer, row["prompt"], reasoning, closer.marker) for row in rows]
     with inference(model):
         if reasoning:
@@ -282,7 +292,7 @@ def evaluate_users(
         else:
             user_vecs = encode_sequences(model, prompts, tokenizer.pad_token_id, batch_size, progress)
             completions, found = [[] for _ in prompts], [True for _ in prompts]
-    scores = cosine_scores(user_vecs, item_index, tau)  # (users, items)
+    scores = cosine_scores(user_vecs, item_index, tau, prior)  # (users, items)
     ranks, top_items, top_scores = rank_targets(
         scores, [row["target"] for row in rows], [row["history"] for row in rows], top_k
     )
@@ -298,6 +308,7 @@ __all__ = [
     "greedy_reasoning",
     "rank_targets",
     "fold_system_turn",
+    "messages_for",
     "render_item_prompt",
     "render_user_prompt",
     "sample_indices",
@@ -305,4 +316,3 @@ __all__ = [
     "supports_system_role",
     "unwrap",
 ]
-    "messages_for",

@@ -15,7 +15,7 @@ faster and gives the same vectors up to float rounding.
 Item index reuse. The catalog's item vectors cost one forward pass per item, so they are reused when
 they provably belong to the model being evaluated:
 - an index in the cache (`$RECPO_CACHE/item_index/<fingerprint>.pt`) is keyed by a fingerprint of the
-  loaded weights (a strided sample of every parameter tensor, with its name, shape and dtype: any
+  loaded weights (every byte of every parameter and buffer, with its name, shape and dtype: any
   change to the weights, LoRA merged in included, changes it) and of the item prompts' token ids
   (catalog, prompt text and tokenizer); it is used only when both match;
 - the trainer's `item_index.pt` in an output folder carries no fingerprint, so it is used when its
@@ -43,16 +43,17 @@ from torch import nn
 
 from recipes.evaluation import build_item_index
 from recipes.modeling import EMBEDDED_MODEL, cache_root, load_model, load_tokenizer
+from recipes.precision import DTYPES, resolve_precision
+from rewards.prior import ScorePrior
 
 logger = logging.getLogger(__name__)
 
 ITEM_INDEX_FILE = "item_index.pt"  # the trainer's name (recipes/trainer.py); not imported: that pulls in TRL
 RUN_CONFIG_FILE = "run_config.json"
+PRIOR_FILE = "score_prior.pt"  # the trainer's name for the run's popularity prior (rewards/prior.py)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-SAMPLES_PER_TENSOR = 256
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):
@@ -69,6 +70,7 @@ class LoadedModel:
     weights_file: Path | None  # the adapter or model weights in `folder`
     trainer_index: Path | None  # the trainer's item_index.pt beside the weights, if any
     run_config: dict | None  # the run's run_config.json (the folder's, or its parent's for a checkpoint)
+    prior: ScorePrior | None = None  # the run's popularity prior: the run ranks with it
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,6 +97,29 @@ def _run_config(folder: Path) -> dict | None:
     for candidate in (folder / RUN_CONFIG_FILE, folder.parent / RUN_CONFIG_FILE):
         if candidate.is_file():
             return _read_json(candidate)
+    return None
+
+
+def read_prior(path: Path) -> ScorePrior:
+    """A run's popularity prior: `score_prior.pt`, or a run (or checkpoint) folder holding one."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = next((c for c in (path / PRIOR_FILE, path.parent / PRIOR_FILE) if c.is_file()), None)
+        if found is None:
+            raise ModelLoadError(
+                f"{path}: no {PRIOR_FILE} here (the run was trained without a popularity prior)"
+            )
+        path = found
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return ScorePrior.from_dict(data, str(path))
+    except (OSError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        raise ModelLoadError(f"{path}: not a readable popularity prior ({err})") from err
+
+
+def _run_prior(folder: Path) -> ScorePrior | None:
+    if (folder / PRIOR_FILE).is_file() or (folder.parent / PRIOR_FILE).is_file():
+        return read_prior(folder)
     return None
 
 
@@ -135,13 +160,29 @@ def _tokenizer_source(folder: Path, fallback: str) -> str:
     return fallback
 
 
+def inference_dtype(dtype: str, run_config: dict | None, device: torch.device) -> str:
+    """`--dtype`: as given, or for `auto` the run's own precision (run_config.json) and otherwise the machine's
+    (`recipes.precision`: bfloat16 on a CPU with bf16 matrix units, float32 on other CPUs and on GPUs)."""
+    if dtype != "auto":
+        return dtype
+    recorded = ((run_config or {}).get("precision") or {}).get("dtype")
+    if recorded in DTYPES:
+        return recorded
+    if device.type != "cpu":
+        return "float32"
+    return resolve_precision("auto", None, on_cpu=True).dtype
+
+
 def load_for_inference(source: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
-    """Resolve `--model` into a ready-to-run model (eval mode, on `device`) and its tokenizer."""
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
+    """Resolve `--model` into a ready-to-run model (eval mode, on `device`) and its tokenizer.
+
+    `dtype` is the base weights' dtype, or `auto` (`inference_dtype`)."""
+    if dtype not in (*DTYPES, "auto"):
+        raise ModelLoadError(f"--dtype {dtype}: expected auto or one of {sorted(DTYPES)}")
     target = pick_device(device)
     folder = Path(source).expanduser()
     if source == EMBEDDED_MODEL or not folder.exists():
+        dtype = inference_dtype(dtype, None, target)
         if source != EMBEDDED_MODEL and _looks_like_path(source):
             raise ModelLoadError(
                 f"--model {source}: no such folder (expected a training output folder, a checkpoint-N folder, "
@@ -154,6 +195,7 @@ def load_for_inference(source: str, device: str = "auto", dtype: str = "float32"
             f"--model {source}: a file, expected a folder (training output, checkpoint or model)"
         )
     run_config = _run_config(folder)
+    dtype = inference_dtype(dtype, run_config, target)
     adapter = _first_file(folder, ADAPTER_WEIGHTS)
     if (folder / ADAPTER_CONFIG).is_file():
         if adapter is None:
@@ -192,6 +234,7 @@ def load_for_inference(source: str, device: str = "auto", dtype: str = "float32"
         weights,
         index if index.is_file() else None,
         run_config,
+        _run_prior(folder),
     )
 
 
@@ -235,13 +278,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
-            step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
-            sample = flat[::step][:SAMPLES_PER_TENSOR].float().cpu()
-            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        _run_prior(folder),
-            digest.update(sample.numpy().tobytes())
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
     return digest.hexdigest()
 
 

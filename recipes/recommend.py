@@ -33,7 +33,13 @@ from datasets import DatasetDict
 from data_prep.prompts import user_messages
 from recipes.baselines import load_dataset_dir
 from recipes.decoding import reason_and_encode
-from recipes.evaluate import add_model_arguments, item_prompt_ids, load_model_or_exit, setup_logging
+from recipes.evaluate import (
+    add_model_arguments,
+    item_prompt_ids,
+    load_model_or_exit,
+    scoring_prior,
+    setup_logging,
+)
 from recipes.evaluation import cosine_scores, render_user_prompt
 from recipes.loading import item_index_for
 from recipes.vectors import MarkerCloser, encode_sequences
@@ -130,6 +136,7 @@ def recommend(
     reasoning: bool = True,
     tau: float = 0.02,
     max_new_tokens: int = 128,
+    prior: torch.Tensor | None = None,
 ) -> Recommendation:
     """Reason (or not), read the user vector at the marker, score the catalog, mask the history, take the top K."""
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -141,7 +148,7 @@ def recommend(
     else:
         vectors = encode_sequences(model, [prompt], tokenizer.pad_token_id)
         text, written = "", True
-    scores = cosine_scores(vectors, item_index, tau)[0].cpu()  # (items,)
+    scores = cosine_scores(vectors, item_index, tau, prior)[0].cpu()  # (items,)
     scores[list(history)] = float("-inf")
     top = scores.topk(min(k, len(scores) - len(set(history))))
     return Recommendation(text, written, top.indices.tolist(), top.values.tolist(), scores)
@@ -210,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
         use_cache=args.index_cache,
     )
     print(f"item index: {how}", file=sys.stderr)
+    prior, prior_how = scoring_prior(args, loaded, data)
+    print(f"popularity prior: {prior_how}", file=sys.stderr)
     rec = recommend(
         loaded,
         messages,
@@ -220,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
         reasoning=args.reasoning,
         tau=args.tau,
         max_new_tokens=args.max_new_tokens,
+        prior=prior.bias if prior is not None else None,
     )
 
     print(f"Model: {loaded.description} ({time.perf_counter() - start:.1f} s)")
@@ -231,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
         print(f"Reasoning:\n  {rec.reasoning.strip()}{suffix}")
     else:
         print("Reasoning: none (--no-reasoning)")
-    print(f"Top {len(rec.items)} (score = cos / tau, history masked):")
+    score = "cos / tau" + (f" + {prior.weight:g} log q" if prior is not None else "")
+    print(f"Top {len(rec.items)} (score = {score}, history masked):")
     for position, (row, score) in enumerate(zip(rec.items, rec.scores, strict=True), 1):
         print(f"  {position:>2}. {score:9.4f}  {titles[row]}")
     if held_out is not None:

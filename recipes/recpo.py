@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script by accelerate: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import datasets
+import torch
 import transformers
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
@@ -29,7 +30,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from recipes import eval_cache, modeling
 from recipes.config import RecPOConfig, ScriptArguments
-from recipes.evaluation import fold_system_turn, supports_system_role
+from recipes.precision import Precision, resolve_precision
 from recipes.results import format_table, write_results
 from recipes.trainer import RecPOTrainer, TimeBudgetCallback, steps_per_epoch
 
@@ -72,7 +73,14 @@ def load_data(script_args: ScriptArguments) -> datasets.DatasetDict:
     return data
 
 
-def load_model_and_tokenizer(model_args: ModelConfig, training_args: RecPOConfig):
+def run_precision(
+    script_args: ScriptArguments, model_args: ModelConfig, training_args: RecPOConfig
+) -> Precision:
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    return resolve_precision(script_args.precision, model_args.dtype, on_cpu)
+
+
+def load_model_and_tokenizer(model_args: ModelConfig, training_args: RecPOConfig, precision: Precision):
     modeling.check_quantisation_available(model_args.load_in_4bit, model_args.load_in_8bit)
     modeling.check_optimizer_available(training_args.optim)
     modeling.check_precision_available(training_args.bf16, training_args.fp16)
@@ -82,7 +90,7 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: RecPOConfig
     quantization_config = get_quantization_config(model_args)
     model = modeling.load_model(
         model_args.model_name_or_path,
-        dtype=model_args.dtype if model_args.dtype not in (None, "auto") else None,
+        dtype=precision.torch_dtype,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
@@ -133,10 +141,11 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     if script_args.max_train_samples is not None and script_args.max_train_samples < len(train):
         train = train.shuffle(seed=training_args.seed).select(range(script_args.max_train_samples))
 
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    if not supports_system_role(tokenizer):  # e.g. Gemma-2: the system text joins the user turn
-        data = data.map(lambda row: {"prompt": fold_system_turn(row["prompt"])}, desc="fold system turn")
-        train = train.map(lambda row: {"prompt": fold_system_turn(row["prompt"])}, desc="fold system turn")
+    precision = run_precision(script_args, model_args, training_args)
+    logger.info(
+        "Base weights in %s (precision %s: %s)", precision.dtype, precision.requested, precision.reason
+    )
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args, precision)
 
     if training_args.evals_per_epoch:
         per_epoch = steps_per_epoch(len(train), training_args, training_args.world_size)
@@ -162,6 +171,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         callbacks=callbacks,
         max_eval_users=script_args.max_eval_users,
         max_test_users=script_args.max_test_users,
+        prior_split=data["train"],
     )
 
     splits = {"valid": trainer.eval_rows}
@@ -194,6 +204,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
                 {
                     "script": vars(script_args),
                     "model": dataclasses.asdict(model_args),
+                    "precision": dataclasses.asdict(precision),
                     "data_dir": script_args.data_dir,
                 },
                 f,

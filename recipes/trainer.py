@@ -63,12 +63,14 @@ from recipes.vectors import (
 )
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
+from rewards.prior import ScorePrior, train_prior
 from rewards.ranking import ranking_metrics
 from rewards.surrogate import in_batch_logits, item_surrogate_loss, mixed_log_frequency, target_log_frequency
 
 logger = logging.getLogger(__name__)
 
 ITEM_INDEX_FILE = "item_index.pt"
+PRIOR_FILE = "score_prior.pt"
 
 
 class RecPOTrainer(GRPOTrainer):
@@ -87,7 +89,10 @@ class RecPOTrainer(GRPOTrainer):
         callbacks=None,
         max_eval_users: int | None = None,
         max_test_users: int | None = None,
+        prior_split: Dataset | None = None,
     ):
+        """`prior_split`: the split whose targets the popularity prior counts (default: `train_dataset`; the entry
+        point passes the whole train split, which `train_dataset` may be a sample of)."""
         super().__init__(
             model=model,
             reward_funcs=get_reward_funcs(["ndcg", "softmax"]),
@@ -117,6 +122,14 @@ class RecPOTrainer(GRPOTrainer):
         self.item_log_q = (
             target_log_frequency(train_dataset["target"], len(items)) if args.item_logq_correction else None
         )
+        # The score's popularity prior, lambda log q (rewards/prior.py): added by every ranking and the item loss.
+        self.score_prior: ScorePrior | None = train_prior(
+            prior_split if prior_split is not None else train_dataset,
+            len(items),
+            args.popularity_prior_weight,
+            args.popularity_prior_half_life_days,
+        )
+        self.prior_bias = self.score_prior.bias if self.score_prior is not None else None  # (items,)
         self.last_eval: dict[str, RankingResult] = {}
         self.last_per_user: dict[str, dict[str, list[int]]] = {}  # split -> recipes.intervals per-user record
         self._last_rewards_per_func: torch.Tensor | None = None
@@ -331,6 +344,12 @@ class RecPOTrainer(GRPOTrainer):
                     )
         return None
 
+    def _tokenize_prompts(self, prompts: list):
+        """TRL renders the rollouts' prompts from the stored messages: fold the system turn as our renderers do."""
+        if is_conversational({"prompt": prompts[0]}):
+            prompts = [messages_for(self.processing_class, prompt) for prompt in prompts]
+        return super()._tokenize_prompts(prompts)
+
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
         self._last_prompt_ids, self._last_completion_ids = out[0], out[1]
@@ -344,12 +363,6 @@ class RecPOTrainer(GRPOTrainer):
             vectors = last_token_hidden(self.model, ids, mask)
         return vectors.float()  # (n, d)
 
-    def _tokenize_prompts(self, prompts: list):
-        """TRL renders the rollouts' prompts from the stored messages: fold the system turn as our renderers do."""
-        if is_conversational({"prompt": prompts[0]}):
-            prompts = [messages_for(self.processing_class, prompt) for prompt in prompts]
-        return super()._tokenize_prompts(prompts)
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         started = time.perf_counter()
         index = self._ensure_index()
@@ -360,7 +373,9 @@ class RecPOTrainer(GRPOTrainer):
         self._rollout_vectors = None
         if user_vecs is None:
             user_vecs = self._user_vectors_no_grad()
-        scores = cosine_scores(user_vecs, index, self.args.similarity_temperature)  # (n, items), a new tensor
+        scores = cosine_scores(
+            user_vecs, index, self.args.similarity_temperature, self.prior_bias
+        )  # (n, items)
         if not self.args.score_with_fresh_targets:  # see the option's help: scored first, refreshed after
             self._refresh_rows(sorted(set(targets)))
         ranks, top_items, _ = rank_targets(scores, targets, [x["history"] for x in inputs], top_k=5)
@@ -558,12 +573,7 @@ class RecPOTrainer(GRPOTrainer):
         if self.args.gather_negatives and self.accelerator.num_processes > 1:
             gathered = [item for part in gather_object([item_ids.tolist()]) for item in part]
             item_ids = torch.tensor(gathered, dtype=torch.long, device=columns.device)
-        bias = None
-        if (
-            self.item_log_q is not None
-        ):  # sampled-softmax correction: columns drawn by popularity (and uniformly)
-            log_q = mixed_log_frequency(self.item_log_q, len(columns), len(sampled))
-            bias = -log_q.to(item_ids.device)[item_ids]
+        bias = self._column_bias(item_ids, len(columns), len(sampled))
         if advantages is None:
             logits = in_batch_logits(
                 user_vecs,
@@ -586,6 +596,22 @@ class RecPOTrainer(GRPOTrainer):
             item_ids=item_ids,
             column_bias=bias,
         )
+
+    def _column_bias(self, item_ids: torch.Tensor, targets: int, uniform: int) -> torch.Tensor | None:
+        """`(columns,)` what each in-batch column's logit adds to cos / tau, or None (the paper's loss).
+
+        The loss trains the score that ranks: + lambda log q(i), the popularity prior. With item_logq_correction
+        the in-batch softmax, whose columns are drawn by popularity (and uniformly, with item_negatives), is turned
+        into an estimate of the full-catalog one by subtracting the log of that drawing rate (sampled-softmax
+        correction). At lambda 1 and no uniform columns the two cancel exactly: the paper's in-batch softmax.
+        """
+        bias = None
+        if self.prior_bias is not None:
+            bias = self.prior_bias.to(item_ids.device)[item_ids]
+        if self.item_log_q is not None:
+            drawn = mixed_log_frequency(self.item_log_q, targets, uniform).to(item_ids.device)[item_ids]
+            bias = -drawn if bias is None else bias - drawn
+        return bias
 
     def _uniform_negatives(self, columns: torch.Tensor) -> torch.Tensor:
         """`item_negatives` catalog items drawn uniformly without replacement among the non-target items. (M,)"""
@@ -640,6 +666,7 @@ class RecPOTrainer(GRPOTrainer):
                 max_new_tokens=self.args.eval_max_completion_length or self.args.max_completion_length,
                 batch_size=self.args.eval_batch_users,
                 progress=f"eval {name}" if self.accelerator.is_main_process else None,
+                prior=self.prior_bias,
             )
             ranks = torch.tensor([r for part in gather_object([result.ranks.tolist()]) for r in part])
             indices = [i for part in gather_object([[row["sample_index"] for row in mine]]) for i in part]
@@ -684,6 +711,8 @@ class RecPOTrainer(GRPOTrainer):
             },
             os.path.join(output_dir, ITEM_INDEX_FILE),
         )
+        if self.score_prior is not None:  # the run ranks with it: recipes.evaluate/recommend read it back
+            torch.save(self.score_prior.to_dict(), os.path.join(output_dir, PRIOR_FILE))
 
 
 class TimeBudgetCallback(TrainerCallback):

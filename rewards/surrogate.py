@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rewards.prior import popularity_log_q
+
 
 def clipped_surrogate(
     ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.28
@@ -39,12 +41,10 @@ def target_log_frequency(targets, num_items: int) -> torch.Tensor:
     """`(num_items,)` log q(i): how often each item is a training target, add-one smoothed (sums to 1).
 
     In-batch negatives are other samples' targets, so q is also the rate at which an item shows up as a
-    column of the item loss; subtracting log q from its logits is the sampled-softmax correction.
+    column of the item loss; subtracting log q from its logits is the sampled-softmax correction. The
+    popularity prior (`rewards.prior`) counts the same way.
     """
-    counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=num_items).double()
-    if counts.numel() > num_items:
-        raise ValueError(f"a target item index is >= the catalog size {num_items}")
-    return torch.log((counts + 1.0) / (counts.sum() + num_items)).float()
+    return popularity_log_q(targets, num_items)
 
 
 def mixed_log_frequency(log_q: torch.Tensor, targets: int, uniform: int) -> torch.Tensor:

@@ -145,6 +145,7 @@ def recpo_args(output_dir: Path, model_dir: Path | str, data_dir: Path, **overri
         "max_eval_users": 4,
         "max_test_users": 4,
         "evaluate_before": False,
+        "precision": "float32",  # `auto` would differ from CPU to CPU (bf16 where it has bf16 units)
     }
     model = {
         "model_name_or_path": str(model_dir),

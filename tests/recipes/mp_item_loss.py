@@ -36,9 +36,11 @@ def stand_in_trainer(accelerator: Accelerator, table: torch.Tensor, tau: float) 
         item_prompt_ids=[None] * len(table),
         _item_vectors=lambda model, columns: table[torch.as_tensor(columns)],
         item_log_q=None,  # the paper's loss, no log-q correction
+        prior_bias=None,  # and no popularity prior
     )
     trainer._gather_negatives = lambda vecs: gather_with_grad(vecs, accelerator)
     trainer._uniform_negatives = lambda columns: RecPOTrainer._uniform_negatives(trainer, columns)
+    trainer._column_bias = lambda *args: RecPOTrainer._column_bias(trainer, *args)
     return trainer
 
 

@@ -16,7 +16,7 @@ from recipes.loading import ITEM_INDEX_FILE, item_index_for, load_for_inference
 from recipes.modeling import EMBEDDED_MODEL
 from tests.recipes.conftest import TINY_CONFIG, build_tiny_model
 
-FAST = ["--max-new-tokens", "6", "--threads", "1", "--item-batch-size", "64"]
+FAST = ["--max-new-tokens", "6", "--threads", "1", "--item-batch-size", "64", "--dtype", "float32"]
 METRICS = {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
 
 
@@ -110,7 +110,11 @@ def test_evaluate_writes_metrics_json_and_well_formed_traces(model_dir, data_dir
         + ["--out", str(out), *FAST]
     )
     written = json.loads(out.read_text())
-    assert written == results and set(written) == {"test", "per_user"} and set(written["test"]) == METRICS
+    assert (
+        written == results
+        and set(written) == {"test", "per_user", "scoring"}
+        and set(written["test"]) == METRICS
+    )
     assert all(0.0 <= v <= 1.0 for v in written["test"].values())
 
     items = catalog(data_dir)
@@ -158,7 +162,7 @@ def test_evaluate_without_reasoning_writes_traces_in_the_working_folder(
         ["--model", str(model_dir), "--data", str(data_dir), "--split", "valid", "--no-reasoning", *FAST]
     )
     traces = read_lines(tmp_path / "traces_valid.jsonl")
-    assert set(results) == {"valid", "per_user"} and len(traces) == split_size(data_dir, "valid")
+    assert set(results) == {"valid", "per_user", "scoring"} and len(traces) == split_size(data_dir, "valid")
     assert all(t["reasoning"] == "" for t in traces)
 
 

@@ -105,6 +105,4 @@ def test_a_target_held_by_both_processes_counts_once(per_process):
     assert_close_at_scale((process0["loss"] + process1["loss"]) / WORLD, reference["loss"])
     users_grad = torch.cat([process0["users_grad"], process1["users_grad"]])
     assert_close_at_scale(users_grad / WORLD, reference["users_grad"])
-    assert_close_at_scale(
-        (process0["items_grad"] + process1["items_grad"]) / WORLD, reference["items_grad"]
-    )
+    assert_close_at_scale((process0["items_grad"] + process1["items_grad"]) / WORLD, reference["items_grad"])

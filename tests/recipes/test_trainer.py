@@ -466,6 +466,7 @@ def cli(model_dir: Path, data_dir: Path, out: Path, max_steps: int, *extra: str)
         "--early_stopping_patience", "0",
         "--log_completions", "false",
         "--disable_tqdm", "true",
+        "--precision", "float32",
         *extra,
     ]  # fmt: skip
 
