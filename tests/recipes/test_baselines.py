@@ -174,3 +174,43 @@ def test_target_outside_catalog_is_an_error_naming_the_row(tmp_path):
     make_dataset([([0], 1)], [([0], 1)], [([0], 9)], num_items=3).save_to_disk(str(path))
     with pytest.raises(SystemExit, match=r"test row 0: target 9 is outside the catalog \[0, 3\)"):
         baselines.main(["popularity", "--data", str(path)])
+
+
+# ------------------------------------------------------------------ recent popularity
+
+DAY = baselines.MS_PER_DAY
+
+
+def test_recent_popularity_counts_the_last_days_and_breaks_ties_by_all_time_counts():
+    # Item 0: 3 targets long ago; item 1: 1 target on the last day; item 2: 2 targets, one 2 days before the end.
+    targets = [0, 0, 0, 1, 2, 2]
+    times = [0, 0, 0, 10 * DAY, 8 * DAY, 0]
+    scores = baselines.recent_popularity_scores(targets, times, 4, window_days=3)
+    # Recent counts 0, 1, 1, 0, plus the all-time counts 3, 1, 2, 0 over (3 + 1): a tie-break below 1.
+    assert scores.tolist() == pytest.approx([0 + 3 / 4, 1 + 1 / 4, 1 + 2 / 4, 0.0])
+    assert baselines.recent_popularity_scores(targets, times, 4, window_days=100).argmax().item() == 0
+
+
+def test_recent_popularity_chooses_its_window_on_valid(tmp_path):
+    # Item 0 was popular early in train, item 1 late; valid and test ask for item 1: a short window wins.
+    train = [([2], 0)] * 6 + [([2], 1)] * 2
+    data = make_dataset(train, valid=[([2], 1)] * 3, test=[([0], 1), ([2], 0)], num_items=3)
+    # make_dataset spaces train targets 1 ms apart; spread them over days instead (item 1's last).
+    data["train"] = data["train"].map(lambda row, i: {"timestamp": i * DAY}, with_indices=True)
+    path = tmp_path / "drift"
+    data.save_to_disk(str(path))
+    out = tmp_path / "recent.json"
+    results = baselines.main(
+        ["recent-popularity", "--data", str(path), "--windows", "1,30", "--out", str(out)]
+    )
+    choice = json.loads(out.read_text())["recent_popularity"]
+    assert choice["window_days"] == 1.0  # last 1 day: item 1 leads; 30 days: item 0 (6 of 8) leads
+    assert choice["valid_ndcg@10_by_window"] == pytest.approx({"1": 1.0, "30": 1 / math.log2(3)})
+    # test: the first user has item 0 in its history, so item 1 is first either way; the second asks for item 0,
+    # which the 1-day window ranks after item 1 (history item 2 masked): rank 2.
+    assert results["test"]["ndcg@5"] == pytest.approx((1.0 + 1 / math.log2(3)) / 2)
+
+
+def test_recent_popularity_windows_must_be_positive_days(popularity_data):
+    with pytest.raises(SystemExit, match="positive numbers of days"):
+        baselines.main(["recent-popularity", "--data", str(popularity_data), "--windows", "7,-1"])
