@@ -8,7 +8,8 @@ Times what `make train` pays at each evaluation, with the CPU recipe's settings:
 items encoded in batches of 64 (`item_batch_size`), then 200 seeded valid users (`max_eval_users`), 25 at a
 time (`eval_batch_users`), each writing up to 16 reasoning tokens before the answer marker, all through the
 trainer's own functions (`build_item_index`, `evaluate_users`). The model carries a fresh LoRA adapter of
-the recipe's shape (r 16 on every projection, unmerged), as the trainer's model does; its B matrices are
+the recipe's shape (r 16 on every projection), folded into the base weights for these forwards as the trainer
+does (`adapters_merged`); its B matrices are
 zero, so the figures are the untrained model's, at the trained model's cost. Prints each part's seconds,
 the throughput, and the process's peak resident memory. `--dtype both` (the default) times float32 base
 weights and then bfloat16 ones, where the CPU has bf16 matrix units, and prints the ratios.
@@ -17,6 +18,7 @@ weights and then bfloat16 ones, where the CPU has bf16 matrix units, and prints 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -62,12 +64,13 @@ def time_evaluation(args, dtype: str) -> tuple[float, float]:
     from recipes.evaluate import item_prompt_ids
     from recipes.evaluation import build_item_index, evaluate_users, sample_indices
     from recipes.loading import load_for_inference
-    from recipes.modeling import EMBEDDED_MODEL
-    from recipes.trainer import peak_rss_mb
+    from recipes.modeling import EMBEDDED_MODEL, unrepeated_gqa_attention_on_cpu
+    from recipes.trainer import adapters_merged, peak_rss_mb
     from recipes.vectors import MarkerCloser
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    unrepeated_gqa_attention_on_cpu()  # as the trainer and recipes.evaluate run
     torch.manual_seed(0)
     data = load_dataset_dir(ensure_data())
     started = time.perf_counter()
@@ -81,30 +84,35 @@ def time_evaluation(args, dtype: str) -> tuple[float, float]:
     loading = time.perf_counter() - started
 
     prompts = item_prompt_ids(tokenizer, data["items"])
+    # As the trainer runs them: the adapter folded into the base weights (float32: merged in place; bf16: copies).
+    merged = contextlib.nullcontext() if args.no_adapter else adapters_merged(model)
     started = time.perf_counter()
-    index = build_item_index(
-        model, prompts, tokenizer.pad_token_id, args.item_batch_size, progress="item index"
-    )
+    with merged:
+        index = build_item_index(
+            model, prompts, tokenizer.pad_token_id, args.item_batch_size, progress="item index"
+        )
     index_s = time.perf_counter() - started
     tokens = sum(len(p) for p in prompts)
     shared = len(os.path.commonprefix(prompts))  # encoded once for the whole catalog
 
     rows = data["valid"].select(sample_indices(len(data["valid"]), args.users, 42)).to_list()
     started = time.perf_counter()
-    result = evaluate_users(
-        model,
-        tokenizer,
-        rows,
-        index,
-        MarkerCloser(tokenizer, "<answer>"),
-        reasoning=True,
-        max_new_tokens=args.new_tokens,
-        batch_size=args.batch_users,
-        progress="eval valid",
-    )
+    merged = contextlib.nullcontext() if args.no_adapter else adapters_merged(model)
+    with merged:
+        result = evaluate_users(
+            model,
+            tokenizer,
+            rows,
+            index,
+            MarkerCloser(tokenizer, "<answer>"),
+            reasoning=True,
+            max_new_tokens=args.new_tokens,
+            batch_size=args.batch_users,
+            progress="eval valid",
+        )
     eval_s = time.perf_counter() - started
 
-    adapter = "no adapter" if args.no_adapter else "LoRA r16 on every projection, unmerged"
+    adapter = "no adapter" if args.no_adapter else "LoRA r16 on every projection, merged as the trainer does"
     print(f"embedded SmolLM2-135M, {dtype}, {adapter}, {torch.get_num_threads()} threads")
     print(f"load: {loading:.1f}s")
     print(

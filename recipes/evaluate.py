@@ -36,7 +36,7 @@ from recipes.baselines import format_table, load_dataset_dir
 from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt, sample_indices
 from recipes.intervals import per_user_record
 from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference, read_prior
-from recipes.modeling import EMBEDDED_MODEL
+from recipes.modeling import EMBEDDED_MODEL, unrepeated_gqa_attention_on_cpu
 from recipes.vectors import MarkerCloser
 from rewards.prior import ScorePrior, train_prior
 
@@ -261,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    unrepeated_gqa_attention_on_cpu()
     data = load_dataset_dir(args.data)
     items = data["items"]
     indices = sample_indices(len(data[args.split]), args.max_users, args.seed)

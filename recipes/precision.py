@@ -19,6 +19,7 @@ of a vector calls `.float()` first).
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,3 +101,48 @@ def resolve_precision(requested: str, model_dtype: str | None, on_cpu: bool) -> 
     if units is None:
         return Precision(requested, "float32", "this CPU has no bf16 matrix units (AMX-BF16, AVX512-BF16)")
     return Precision(requested, "bfloat16", f"this CPU has {units}")
+
+
+def lora_in_base_dtype(model: torch.nn.Module) -> int:
+    """Compute each LoRA adapter in its base layer's dtype (bf16) while its weights stay float32; returns the
+    number of layers changed.
+
+    peft upcasts an adapter on a bf16 base to float32 and then, in every forward, casts the layer's input to
+    float32, runs the two small matmuls and the scaled sum in float32 over (tokens, out) activations and casts
+    the sum back: four passes over the activations per layer, forward and backward, which on a CPU cost more
+    than the bf16 base matmul saves. Here the adapter's weights are cast to bf16 at each call (r x in and
+    out x r: small), the adapter runs in bf16 beside the base layer, and autograd casts its weight gradients
+    back to float32 (the weights, their gradients and the optimizer state stay float32). Layers with another
+    variant (DoRA...), merged or disabled adapters, or mixed-adapter batches keep peft's own forward.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        base = module.get_base_layer().weight
+        if base.dtype not in (torch.bfloat16, torch.float16) or getattr(module, "lora_variant", {}):
+            continue
+        if not all(module.lora_A[name].weight.dtype == torch.float32 for name in module.lora_A):
+            continue
+        module.forward = types.MethodType(_lora_forward_in_base_dtype, module)
+        changed += 1
+    return changed
+
+
+def _lora_forward_in_base_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or self.lora_variant:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    dtype = result.dtype
+    x = x.to(dtype)
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a = self.lora_A[name].weight.to(dtype)  # (r, in)
+        b = (self.lora_B[name].weight * self.scaling[name]).to(dtype)  # (out, r)
+        result = result + torch.nn.functional.linear(
+            torch.nn.functional.linear(self.lora_dropout[name](x), a), b
+        )
+    return result

@@ -42,6 +42,7 @@ from recipes.evaluate import (
 )
 from recipes.evaluation import cosine_scores, render_user_prompt
 from recipes.loading import item_index_for
+from recipes.modeling import unrepeated_gqa_attention_on_cpu
 from recipes.vectors import MarkerCloser, encode_sequences
 from rewards.ranking import target_rank
 
@@ -187,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
         raise SystemExit("error: --k and --max-new-tokens must be positive and --gap-days not negative")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    unrepeated_gqa_attention_on_cpu()
     data = load_dataset_dir(args.data)
     items = data["items"]
     titles = list(items["title"])

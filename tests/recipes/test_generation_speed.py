@@ -3,8 +3,6 @@ weights afterwards (also when generation fails), and no merge where it would cha
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -146,21 +144,69 @@ def test_weights_are_unmerged_when_generation_raises(tokenizer, synthetic_data, 
         assert (after[name] - weight).abs().max() <= 1e-6 * weight.abs().max(), name
 
 
-def test_bf16_model_is_not_merged(tokenizer, synthetic_data, tmp_path, monkeypatch, caplog):
+def watch_adapters(monkeypatch) -> list[tuple[bool, float]]:
+    """At each of TRL's generation calls: whether the adapters were disabled, and a base weight's first element."""
+    seen: list[tuple[bool, float]] = []
+    original = GRPOTrainer._generate_single_turn
+
+    def spy(self, *args, **kwargs):
+        layer = next(m for m in self.model.modules() if isinstance(m, BaseTunerLayer))
+        seen.append((layer.disable_adapters, layer.get_base_layer().weight.flatten()[0].item()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", spy)
+    return seen
+
+
+def test_a_bf16_model_generates_from_merged_copies_and_keeps_its_weights(
+    tokenizer, synthetic_data, tmp_path, monkeypatch
+):
     model = build_tiny_model(tokenizer).to(torch.bfloat16)
     trainer = lora_trainer(tokenizer, synthetic_data, tmp_path / "out", model=model)
-    seen = watch_merges(monkeypatch)
+    seen = watch_adapters(monkeypatch)
     before = snapshot(trainer.model)
-    with caplog.at_level(logging.INFO, logger="recipes.trainer"):
-        first = generate(trainer)
-        generate(trainer)
+    merged = generate(trainer)
 
-    assert seen == [False, False]
-    assert all(len(ids) > 0 for ids in first)
+    # During generation: the adapter disabled, the base weights replaced by W + B A rounded once to bf16.
+    layer = next(m for m in trainer.model.modules() if isinstance(m, BaseTunerLayer))
+    weight = layer.get_base_layer().weight
+    folded = (weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    assert seen == [(True, folded.flatten()[0].item())] and folded.flatten()[0] != weight.flatten()[0]
+    # After it: every weight bit for bit as before, the adapter active again, nothing marked merged.
     after = snapshot(trainer.model)
-    assert all(torch.equal(after[name], weight) for name, weight in before.items())
-    reasons = [r.getMessage() for r in caplog.records if "unmerged" in r.getMessage()]
-    assert len(reasons) == 1 and "torch.bfloat16" in reasons[0]  # logged once, with the reason
+    assert all(torch.equal(after[name], w) for name, w in before.items())
+    assert not layer.disable_adapters and merged_layers(trainer.model) == []
+    # The completions are those of a plain bf16 model holding W + B A, formed in float32 and rounded once.
+    state = {}
+    for name, module in trainer.model.get_base_model().named_modules():
+        if isinstance(module, BaseTunerLayer):
+            delta = module.get_delta_weight("default").float()
+            state[f"{name}.weight"] = (module.get_base_layer().weight.float() + delta).to(torch.bfloat16)
+    plain = build_tiny_model(tokenizer).to(torch.bfloat16)
+    assert plain.load_state_dict(state, strict=False).unexpected_keys == []
+    reference = lora_trainer(
+        tokenizer, synthetic_data, tmp_path / "plain", model=plain, merge_adapters_for_generation=False
+    )
+    with reference.model.disable_adapter():
+        assert generate(reference) == merged
+
+
+def test_a_bf16_model_gets_its_weights_back_when_generation_raises(
+    tokenizer, synthetic_data, tmp_path, monkeypatch
+):
+    model = build_tiny_model(tokenizer).to(torch.bfloat16)
+    trainer = lora_trainer(tokenizer, synthetic_data, tmp_path / "out", model=model)
+    before = snapshot(trainer.model)
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", failing)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        generate(trainer)
+    after = snapshot(trainer.model)
+    assert all(torch.equal(after[name], w) for name, w in before.items())
+    assert not any(m.disable_adapters for m in trainer.model.modules() if isinstance(m, BaseTunerLayer))
 
 
 def test_active_lora_dropout_is_not_merged_in_train_mode(tokenizer, synthetic_data, tmp_path, monkeypatch):

@@ -35,9 +35,9 @@ def test_unrepeated_gqa_attention_gives_the_same_values_and_gradients(tokenizer,
     assert not sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # transformers repeats the heads here
     repeated, repeated_grads = run()
     unrepeated_gqa_attention_on_cpu()
-    assert sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # with gradient: unrepeated
+    assert sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # unrepeated, with gradient
     with torch.no_grad():
-        assert not sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # inference keeps transformers' choice
+        assert sdpa_attention.use_gqa_in_sdpa(mask, key, key)  # and without (inference)
         assert_close_at_scale(model(input_ids=ids, attention_mask=mask).logits, repeated)
     unrepeated, unrepeated_grads = run()
     assert_close_at_scale(unrepeated, repeated)
