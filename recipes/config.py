@@ -7,7 +7,10 @@ names and meaning; only the defaults RecPO needs are changed here.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from trl import GRPOConfig
@@ -354,4 +357,130 @@ class RecPOConfig(GRPOConfig):
             raise ValueError(
                 f"relabel_topk ({self.relabel_topk}) exceeds num_generations ({self.num_generations})"
             )
-        super().__post_init__()
+        super().__post_init__()  # parses a JSON `generation_kwargs` given on the command line into a dict
+        if self.use_vllm and self.reasoning:
+            self.generation_kwargs = vllm_stop_at_marker(self.generation_kwargs, self.answer_marker)
+
+
+def vllm_stop_at_marker(generation_kwargs: dict | None, marker: str) -> dict:
+    """`generation_kwargs` with the answer marker among vLLM's stop strings, kept in the output.
+
+    transformers' generate stops at the marker through `recipes.evaluation.stop_at_marker`; vLLM never sees that
+    hook: TRL 1.16 hands `generation_kwargs` to vLLM's `SamplingParams` (colocate) or its server, so without this
+    every rollout would run to max_completion_length and be cut afterwards. A user's own stop strings are kept;
+    an explicit `include_stop_str_in_output` too (RecPO finds the marker in the token ids either way).
+    """
+    kwargs = dict(generation_kwargs or {})
+    stop = kwargs.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if marker not in stop:
+        stop.append(marker)
+    kwargs["stop"] = stop
+    kwargs.setdefault("include_stop_str_in_output", True)
+    return kwargs
+
+
+# Fields that say where a run writes, how it logs or how it is launched, and those TRL or RecPOConfig derive from
+# other fields: not part of the recipe a run reports (recipes/model_card.py).
+BOOKKEEPING_FIELDS = frozenset(
+    {
+        "output_dir",
+        "logging_dir",
+        "run_name",
+        "report_to",
+        "disable_tqdm",
+        "logging_steps",
+        "log_completions",
+        "num_completions_to_print",
+        "dataloader_num_workers",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_private_repo",
+        "hub_strategy",
+        "hub_revision",
+        "use_cpu",
+        "bf16",  # decided by the hardware when not given; the run's precision is recorded on its own
+        "reward_weights",  # (1 - softmax_reward_weight, softmax_reward_weight) unless given
+        "generation_batch_size",
+        "steps_per_generation",
+        "local_rank",
+        "debug",
+        "accelerator_config",
+        "activation_checkpointing",  # mirrors gradient_checkpointing
+        "pad_to_multiple_of",  # `auto` resolved by TRL
+        "dataloader_pin_memory",  # off on CPU
+    }
+)
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _declared_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return _plain(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _plain(f.default_factory())
+    return None
+
+
+def changed_settings(config: RecPOConfig) -> dict[str, dict[str, Any]]:
+    """The training settings of a run that differ from RecPOConfig's defaults, for its run_config.json:
+    `{name: {"value": ..., "default": ..., "paper": bool}}`, `paper` true where the default is the paper's
+    (RecPOConfig's own fields whose help string says so), so the model card can list the departures from it."""
+    values = config.to_dict()  # JSON-ready: enums as their values, tokens masked
+    own = set(RecPOConfig.__annotations__)
+    changed = {}
+    for f in dataclasses.fields(config):
+        if f.name in BOOKKEEPING_FIELDS or f.name not in values:
+            continue
+        value, default = values[f.name], _declared_default(f)
+        if value == default:
+            continue
+        paper = f.name in own and "paper" in f.metadata.get("help", "").lower()
+        changed[f.name] = {"value": value, "default": default, "paper": paper}
+    return changed
+
+
+# The settings a run's model card summarises the recipe with (recipes/model_card.py), recorded whatever their value.
+RECIPE_FIELDS = (
+    "reasoning",
+    "num_generations",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_completion_length",
+    "eval_max_completion_length",
+    "temperature",
+    "top_k",
+    "similarity_temperature",
+    "ndcg_cutoff",
+    "softmax_reward_weight",
+    "advantage_kind",
+    "relabel_topk",
+    "item_loss_weight",
+    "epsilon",
+    "epsilon_high",
+    "beta",
+    "loss_type",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "optim",
+    "max_steps",
+    "num_train_epochs",
+    "seed",
+)
+
+
+def recipe_settings(config: RecPOConfig) -> dict[str, Any]:
+    """A run's `training` entry of run_config.json: the recipe's key settings, and every changed one."""
+    values = config.to_dict()
+    return {
+        "settings": {name: values.get(name) for name in RECIPE_FIELDS},
+        "changed": changed_settings(config),
+    }

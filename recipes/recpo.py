@@ -5,13 +5,15 @@
 
 Reads a dataset written by `python -m data_prep`, trains the model with RecPO (TRL GRPO plus the item
 loss), evaluates Hit@K/NDCG@K on valid before, during and after training, and writes
-`<output_dir>/results.json` ({"valid": {...}, "test": {...}}), the adapter and the item index.
+`<output_dir>/results.json` ({"valid": {...}, "test": {...}}), the adapter, and what makes the folder usable on
+its own (recipes/run_folder.py: item index, catalog, prior, scoring settings, the data's stats) with its model
+card (README.md, recipes/model_card.py). With `--push_to_hub true` (TRL's hub options) the folder is then
+published as `python -m recipes.publish` does it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import subprocess
@@ -29,9 +31,12 @@ from transformers import EarlyStoppingCallback, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from recipes import eval_cache, modeling
-from recipes.config import RecPOConfig, ScriptArguments
+from recipes.config import RecPOConfig, ScriptArguments, recipe_settings
+from recipes.model_card import write_card
 from recipes.precision import Precision, resolve_precision
+from recipes.publish import PublishError, hub_offline, publish
 from recipes.results import format_table, write_results
+from recipes.run_folder import RUN_CONFIG_FILE, copy_data_stats, write_json
 from recipes.trainer import RecPOTrainer, TimeBudgetCallback, steps_per_epoch
 
 logger = logging.getLogger("recpo")
@@ -81,6 +86,24 @@ def run_precision(
 
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: RecPOConfig, precision: Precision):
+    """The model and tokenizer, or one line saying why not (an unreachable Hub id, a missing package)."""
+    name = model_args.model_name_or_path
+    try:
+        return _load_model_and_tokenizer(model_args, training_args, precision)
+    except modeling.MissingDependencyError as err:
+        raise SystemExit(f"error: {err}") from None
+    except (OSError, ValueError) as err:
+        local = Path(name).expanduser().is_dir()
+        what = (
+            "cannot load the model folder"
+            if local
+            else "not a local folder, and loading it as a Hub id failed"
+        )
+        message = " ".join(str(err).split())
+        raise SystemExit(f"error: --model_name_or_path {name}: {what} ({message})") from None
+
+
+def _load_model_and_tokenizer(model_args: ModelConfig, training_args: RecPOConfig, precision: Precision):
     modeling.check_quantisation_available(model_args.load_in_4bit, model_args.load_in_8bit)
     modeling.check_optimizer_available(training_args.optim)
     modeling.check_precision_available(training_args.bf16, training_args.fp16)
@@ -134,6 +157,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     set_seed(training_args.seed)
     setup_logging(training_args)
     setup_wandb(training_args)
+    warn_if_push_cannot_work(training_args)
     modeling.unrepeated_gqa_attention_on_cpu()
     modeling.float32_attention_with_gradient_on_cpu()
 
@@ -200,20 +224,64 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     if trainer.accelerator.is_main_process:
         results = write_results(training_args.output_dir, after, before, per_user_after, per_user_before)
         print(format_table(after, before, per_user_after, per_user_before))
-        with open(Path(training_args.output_dir) / "run_config.json", "w") as f:
-            json.dump(
-                {
-                    "script": vars(script_args),
-                    "model": dataclasses.asdict(model_args),
-                    "precision": dataclasses.asdict(precision),
-                    "data_dir": script_args.data_dir,
-                },
-                f,
-                indent=2,
-                default=str,
-            )
+        write_run_config(script_args, training_args, model_args, precision)
+        copy_data_stats(script_args.data_dir, Path(training_args.output_dir))
+        card = write_card(Path(training_args.output_dir), hub_repo_id(trainer))
+        logger.info("Model card: %s", card)
     trainer.accelerator.wait_for_everyone()
+    if trainer.push_requested and trainer.accelerator.is_main_process:
+        push(trainer)
     return results
+
+
+def write_run_config(
+    script_args: ScriptArguments, training_args: RecPOConfig, model_args: ModelConfig, precision: Precision
+) -> None:
+    """The run's options (and the settings changed from the defaults, for the model card) beside its results."""
+    document = {
+        "script": vars(script_args),
+        "model": dataclasses.asdict(model_args),
+        "precision": dataclasses.asdict(precision),
+        "data_dir": script_args.data_dir,
+        "training": recipe_settings(training_args),
+    }
+    write_json(Path(training_args.output_dir) / RUN_CONFIG_FILE, document)
+
+
+def hub_repo_id(trainer: RecPOTrainer) -> str | None:
+    """The repository `--push_to_hub` publishes to (TRL's default: the output folder's name), or None."""
+    if not trainer.push_requested:
+        return None
+    return trainer.args.hub_model_id or Path(trainer.args.output_dir).name
+
+
+def warn_if_push_cannot_work(training_args: RecPOConfig) -> None:
+    """Say at the start, not only after training, that the push at the end will fail."""
+    if not training_args.push_to_hub:
+        return
+    from huggingface_hub import get_token
+
+    if hub_offline() or not (training_args.hub_token or get_token()):
+        logger.warning(
+            "--push_to_hub: %s; the run will be saved locally and the push at the end will fail",
+            "HF_HUB_OFFLINE is set" if hub_offline() else "no Hugging Face token",
+        )
+
+
+def push(trainer: RecPOTrainer) -> None:
+    """Publish the finished run folder (recipes.publish), or stop with one line saying why not."""
+    args = trainer.args
+    try:
+        url = publish(
+            args.output_dir,
+            hub_repo_id(trainer),
+            token=args.hub_token,
+            private=bool(args.hub_private_repo),
+            revision=args.hub_revision,
+        )
+    except PublishError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"published: {url}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed.nn
@@ -54,6 +55,15 @@ from recipes.evaluation import (
 from recipes.intervals import per_user_record
 from recipes.logprobs import shared_prompt_logps
 from recipes.precision import lora_in_base_dtype
+from recipes.run_folder import (
+    ITEM_INDEX_FILE,
+    PRIOR_FILE,
+    SCORING_FILE,
+    file_sha256,
+    scoring_settings,
+    write_catalog,
+    write_json,
+)
 from recipes.vectors import (
     MarkerCloser,
     capture_final_hidden,
@@ -71,8 +81,7 @@ from rewards.surrogate import in_batch_logits, item_surrogate_loss, mixed_log_fr
 
 logger = logging.getLogger(__name__)
 
-ITEM_INDEX_FILE = "item_index.pt"
-PRIOR_FILE = "score_prior.pt"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
 
 
 class RecPOTrainer(GRPOTrainer):
@@ -94,7 +103,13 @@ class RecPOTrainer(GRPOTrainer):
         prior_split: Dataset | None = None,
     ):
         """`prior_split`: the split whose targets the popularity prior counts (default: `train_dataset`; the entry
-        point passes the whole train split, which `train_dataset` may be a sample of)."""
+        point passes the whole train split, which `train_dataset` may be a sample of).
+
+        `push_to_hub` is taken out of TRL's hands: TRL would create the repository here, push every checkpoint
+        (training_args.bin, a pickle of local paths, included) and its generic card. `push_requested` keeps the
+        wish; the finished run folder is published once by `push_to_hub` (`recipes.publish`)."""
+        self.push_requested = bool(args.push_to_hub)
+        args.push_to_hub = False
         super().__init__(
             model=model,
             reward_funcs=get_reward_funcs(["ndcg", "softmax"]),
@@ -706,18 +721,62 @@ class RecPOTrainer(GRPOTrainer):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def save_item_index(self, output_dir: str) -> None:
+        """Write what the run ranks with beside its weights (recipes/run_folder.py): the item index, the prior,
+        the catalog and the scoring settings, so the folder recommends on its own.
+
+        The index records a hash of the weights file saved before it: a copy of the folder (a Hub download
+        included, whose file times are arbitrary) can then prove the index belongs to these weights."""
         if self.item_index is None or not self.accelerator.is_main_process:
             return
+        folder = Path(output_dir)
+        weights = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
         torch.save(
             {
                 "vectors": self.item_index.cpu(),
                 "num_items": len(self.item_prompt_ids),
                 "step": self.index_step,
+                "weights_file": weights.name if weights is not None else None,
+                "weights_sha256": file_sha256(weights) if weights is not None else None,
             },
-            os.path.join(output_dir, ITEM_INDEX_FILE),
+            folder / ITEM_INDEX_FILE,
         )
         if self.score_prior is not None:  # the run ranks with it: recipes.evaluate/recommend read it back
-            torch.save(self.score_prior.to_dict(), os.path.join(output_dir, PRIOR_FILE))
+            torch.save(self.score_prior.to_dict(), folder / PRIOR_FILE)
+        write_catalog(self.items, folder)
+        write_json(folder / SCORING_FILE, scoring_settings(self.args, self.score_prior is not None))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        """Write no card here. TRL's is a generic GRPO card (a text-generation quick start, the local base path
+        as base_model, no data, no metrics); the RecPO card is rendered from the finished run folder by
+        `recipes.model_card`, which recipes/recpo.py calls after results.json. TRL calls this at every
+        checkpoint and push."""
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Upload the run folder as `recipes.publish` selects it (adapter, card, index, catalog, prior, scoring,
+        results, traces; no optimizer state, checkpoints, logs or training_args.bin), to `hub_model_id` (default:
+        the output folder's name). Raises `recipes.publish.PublishError` in one line when it cannot."""
+        from recipes.publish import publish
+
+        self.save_model(self.args.output_dir, _internal_call=True)
+        self.save_item_index(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        return publish(
+            self.args.output_dir,
+            self.args.hub_model_id or Path(self.args.output_dir).name,
+            token=token if token is not None else self.args.hub_token,
+            private=self.args.hub_private_repo if private is None else private,
+            commit_message=commit_message or "RecPO run",
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
 
 
 class TimeBudgetCallback(TrainerCallback):

@@ -229,3 +229,26 @@ def build_trainer(
         max_eval_users=max_eval_users,
         max_test_users=max_eval_users,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir, synthetic_data) -> Path:
+    """A finished run folder of `recipes.recpo.main` (one step, the untrained model evaluated too, a popularity
+    prior, 6 reasoning tokens at evaluation against 8 in the rollouts): what the model card, run folder and
+    publishing tests read. Tests that change it work on a copy."""
+    from recipes import recpo
+
+    out = tmp_path_factory.mktemp("tiny-run") / "tiny-recpo"
+    args = recpo_args(
+        out,
+        tiny_model_dir,
+        synthetic_data,
+        max_steps=1,
+        evaluate_before=True,
+        cache_untrained_evaluation=False,
+        popularity_prior_weight=1.0,
+        item_logq_correction=True,
+        eval_max_completion_length=6,
+    )
+    recpo.main(*args)
+    return out
