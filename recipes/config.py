@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -353,13 +354,39 @@ class RecPOConfig(GRPOConfig):
                 "mask_truncated_completions cannot be used with RecPO: every rollout is closed with the answer "
                 "marker (appended when the length limit cuts the reasoning), so none counts as truncated."
             )
+        if self.num_iterations > 1 and self.reasoning and self.item_loss_weight != 0:
+            raise ValueError(
+                f"num_iterations is {self.num_iterations}, but the item surrogate's ratio p / p.detach() is taken "
+                "from the current policy alone: it stays 1 on every reuse of a batch, so the item loss would never be "
+                "clipped. Set num_iterations: 1 (the paper's), or item_loss_weight: 0 to reuse batches for the token "
+                "loss alone."
+            )
         if self.num_generations is not None and self.relabel_topk > self.num_generations:
             raise ValueError(
                 f"relabel_topk ({self.relabel_topk}) exceeds num_generations ({self.num_generations})"
             )
+        launched = launched_processes()
+        if launched > 1 and not self.use_cpu and not torch.accelerator.is_available():
+            # accelerate forms a gloo job of several CPU processes only with use_cpu (its launcher does not pass a
+            # config's `use_cpu` to MULTI_GPU processes): without it each process would train a model of its own.
+            self.use_cpu = True
         super().__post_init__()  # parses a JSON `generation_kwargs` given on the command line into a dict
+        if launched > 1 and self.world_size == 1:
+            raise ValueError(
+                f"{launched} processes were launched, but each would train a model of its own in the same output_dir "
+                "(world size 1 in each): accelerate found no distributed backend for this device. Launch one "
+                "process, or set `use_cpu: true` to train in several CPU processes."
+            )
         if self.use_vllm and self.reasoning:
             self.generation_kwargs = vllm_stop_at_marker(self.generation_kwargs, self.answer_marker)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started: torchrun's and accelerate's WORLD_SIZE, or mpirun's own variable."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
 
 
 def vllm_stop_at_marker(generation_kwargs: dict | None, marker: str) -> dict:

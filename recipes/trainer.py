@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, LogitsProcessorList, Trainer, TrainerCallback
 from trl import GRPOTrainer
@@ -82,6 +83,13 @@ from rewards.surrogate import in_batch_logits, item_surrogate_loss, mixed_log_fr
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
+# TRL's metrics of completions that end in EOS: none does in RecPO (each is closed by the answer marker).
+TRL_EOS_METRICS = (
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "completions/min_terminated_length",
+    "completions/max_terminated_length",
+)
 
 
 class RecPOTrainer(GRPOTrainer):
@@ -120,6 +128,14 @@ class RecPOTrainer(GRPOTrainer):
             peft_config=peft_config,
             callbacks=callbacks,
         )
+        if self._dist.is_zero3 or self._dist.is_fsdp:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 and FSDP are not supported: they shard the parameters, so every process must run "
+                "the same number of forwards, but the item index and the evaluation's greedy reasoning run as many as "
+                "each process's own items and users need (they would deadlock), and the item and user vectors are "
+                "read from the unwrapped model. Use DDP (recipes/accelerate/multi_gpu.yaml) or ZeRO-2 "
+                "(recipes/accelerate/zero2.yaml)."
+            )
         if not args.reasoning:
             self.log_completions = False  # no rollouts to show: TRL would print an empty table every log
         if lora_in_base_dtype(self.model):  # bf16 base weights: the float32 adapter computed in bf16
@@ -157,6 +173,7 @@ class RecPOTrainer(GRPOTrainer):
         self._want_marker_hidden = False  # ask the next log-prob forward for the hidden state at the marker
         self._marker_hidden: torch.Tensor | None = None
         self._reasons_logged: set[str] = set()
+        self._bypassed_ddp = False  # this micro-batch's loss came from forwards DDP did not see
 
     # ------------------------------------------------------------------ item index
     def refresh_item_index(self) -> torch.Tensor:
@@ -204,7 +221,12 @@ class RecPOTrainer(GRPOTrainer):
             logger.info(text)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._bypassed_ddp = False
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._bypassed_ddp and self.accelerator.sync_gradients:
+            # The loss's forward ran on the unwrapped model, so DDP's reducer never armed: its all-reduce is done
+            # here, at the window's last micro-batch as DDP would (earlier ones accumulated locally, as under no_sync).
+            average_gradients(model)
         # Peak memory so far, logged with every step: what a run needs of the machine.
         self._metrics["train"]["memory/peak_rss_mb"].append(peak_rss_mb())
         if torch.cuda.is_available():
@@ -253,8 +275,10 @@ class RecPOTrainer(GRPOTrainer):
                 closed.append(new_ids)
                 found.append(wrote_marker)
                 if logprobs is not None:  # appended marker tokens were not sampled: no importance correction
-                    kept = logprobs[i][: len(new_ids)]
-                    logprobs[i] = kept + [None] * (len(new_ids) - len(kept))
+                    # The sampled tokens kept are a prefix of `ids`; a closed rollout lost its trailing EOS, whose
+                    # log-prob must not stand for the first appended marker token.
+                    sampled = len(new_ids) if wrote_marker else len(new_ids) - len(self.closer.marker_ids)
+                    logprobs[i] = logprobs[i][:sampled] + [None] * (len(new_ids) - sampled)
         mode = "train" if self.model.training else "eval"
         found_all = self.accelerator.gather(
             torch.tensor(found, dtype=torch.float32, device=self.accelerator.device)
@@ -425,6 +449,10 @@ class RecPOTrainer(GRPOTrainer):
             return self._prompt_only_batch(inputs)
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
+        # TRL counts a completion as clipped when it does not end in EOS, and every closed rollout ends with the
+        # marker: its clipped ratio would always read 1. `completions/marker_written_ratio` is RecPO's measure.
+        for key in TRL_EOS_METRICS:
+            self._metrics[mode].pop(key, None)
         group = self.num_generations if mode == "train" else self.num_generations_eval
         device = self.accelerator.device
         rewards = (self._last_rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
@@ -468,7 +496,7 @@ class RecPOTrainer(GRPOTrainer):
             "prompt_ids": ids,
             "prompt_mask": mask,
             "target_index": torch.tensor([int(x["target"]) for x in inputs], dtype=torch.long, device=device),
-            "relabel_mask": first_of_group,  # the G copies of a prompt are identical: use one
+            "relabel_mask": first_of_group,  # one copy per user, before TRL's shuffle; the loss uses every row
             "advantages": torch.ones(len(inputs), device=device),
         }
 
@@ -476,13 +504,18 @@ class RecPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         if "completion_ids" not in inputs:  # no-reasoning ablation, or the item warm-up steps
-            keep = inputs["relabel_mask"]  # one copy of each prompt: the G copies are identical
+            # Every row counts: TRL shuffles the G copies of a prompt into different micro-batches (with gradient
+            # accumulation), so a micro-batch holds any number of them, and the mean over its rows weights each user
+            # by its copies there, which sums to the same weight for every user over the step. Prefill runs each
+            # distinct prompt once.
             prompts = [
                 row[m.bool()].tolist()
-                for row, m in zip(inputs["prompt_ids"][keep], inputs["prompt_mask"][keep], strict=True)
+                for row, m in zip(inputs["prompt_ids"], inputs["prompt_mask"], strict=True)
             ]
             user_vecs = self._prompt_vectors(model, prompts)
-            item_loss = self._item_loss(model, user_vecs, inputs["target_index"][keep], None, None)
+            item_loss = self._item_loss(model, user_vecs, inputs["target_index"], None, None)
+            # prefill runs the unwrapped model: DDP's reducer sees no forward (see training_step)
+            self._bypassed_ddp = isinstance(model, DistributedDataParallel)
             self._metrics[mode]["item_loss"].append(self.accelerator.gather(item_loss.detach()).mean().item())
             return self.args.item_loss_weight * item_loss / self._accumulation(mode)
         self._want_marker_hidden = True  # the token log-prob forward also reads the user vectors
@@ -665,6 +698,7 @@ class RecPOTrainer(GRPOTrainer):
 
     def ranking_evaluation(self, splits: dict[str, list[dict] | None]) -> dict[str, float]:
         """Full-catalog ranking on each split (rows split across processes), with a fresh item index."""
+        self._place_model_for_evaluation()
         self.refresh_item_index()
         # How crowded the catalog is: a small LM's hidden states share one large direction (the untrained
         # SmolLM2's items have a mean pairwise cosine of ~0.99), which training must spread to rank well.
@@ -674,20 +708,7 @@ class RecPOTrainer(GRPOTrainer):
             if not rows:
                 continue
             mine = rows[rank::world]
-            with inference(self.model), self._adapters_merged("The evaluation runs"):
-                result = evaluate_users(
-                    self.model,
-                    self.processing_class,
-                    mine,
-                    self.item_index,
-                    self.closer,
-                    reasoning=self.args.reasoning,
-                    tau=self.args.similarity_temperature,
-                    max_new_tokens=self.args.eval_max_completion_length or self.args.max_completion_length,
-                    batch_size=self.args.eval_batch_users,
-                    progress=f"eval {name}" if self.accelerator.is_main_process else None,
-                    prior=self.prior_bias,
-                )
+            result = self._evaluate_rows(mine, name)
             ranks = torch.tensor([r for part in gather_object([result.ranks.tolist()]) for r in part])
             indices = [i for part in gather_object([[row["sample_index"] for row in mine]]) for i in part]
             self.last_per_user[name] = per_user_record(indices, ranks)
@@ -698,26 +719,65 @@ class RecPOTrainer(GRPOTrainer):
                 sum(gather_object([sum(result.marker_found)])) / max(len(rows), 1)
             )
             self.last_eval[name] = result
+            # Every process's users, back in the split's order (process r holds rows r, r + world, ...).
+            records = gather_object(
+                [(rank + world * i, record) for i, record in enumerate(self._trace_records(mine, result))]
+            )
             if self.accelerator.is_main_process:
-                self._write_traces(name, mine, result)
+                self._write_traces(name, [record for _, record in sorted(records, key=lambda pair: pair[0])])
         return metrics
 
-    def _write_traces(self, split: str, rows: list[dict], result: RankingResult) -> None:
+    def _evaluate_rows(self, rows: list[dict], split: str) -> RankingResult:
+        """This process's share of a split, ranked; a process with no rows (fewer rows than processes) ranks none."""
+        if not rows:
+            return RankingResult(
+                torch.empty(0, dtype=torch.long), torch.empty((0, 0), dtype=torch.long), torch.empty(0, 0)
+            )
+        with inference(self.model), self._adapters_merged("The evaluation runs"):
+            return evaluate_users(
+                self.model,
+                self.processing_class,
+                rows,
+                self.item_index,
+                self.closer,
+                reasoning=self.args.reasoning,
+                tau=self.args.similarity_temperature,
+                max_new_tokens=self.args.eval_max_completion_length or self.args.max_completion_length,
+                batch_size=self.args.eval_batch_users,
+                progress=f"eval {split}" if self.accelerator.is_main_process else None,
+                prior=self.prior_bias,
+            )
+
+    def _trace_records(self, rows: list[dict], result: RankingResult) -> list[dict]:
+        return [
+            {
+                "user_id": row.get("user_id"),
+                "history": [self.item_titles[h] for h in row["history"]],
+                "reasoning": result.completions[i],
+                "target": self.item_titles[row["target"]],
+                "rank": int(result.ranks[i]),
+                "top10": [
+                    {"title": self.item_titles[int(item)], "score": round(float(score), 4)}
+                    for item, score in zip(result.top_items[i], result.top_scores[i], strict=True)
+                ],
+            }
+            for i, row in enumerate(rows)
+        ]
+
+    def _place_model_for_evaluation(self) -> None:
+        """Put the model on the accelerator's device if it is not there yet: transformers leaves a DeepSpeed model where
+        it was loaded (the CPU) until `train()` hands it to DeepSpeed, so the untrained model's evaluation would run
+        on the CPU and send CPU tensors to NCCL's gathers. DeepSpeed moves it to the same device later; other
+        setups are placed by transformers (or by their device_map) and left alone."""
+        device = self.accelerator.device
+        if self.is_deepspeed_enabled and next(self.model.parameters()).device != device:
+            self.model.to(device)
+
+    def _write_traces(self, split: str, records: list[dict]) -> None:
         path = os.path.join(self.args.output_dir, "traces", f"{split}_step{self.state.global_step:06d}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
-            for i, row in enumerate(rows):
-                record = {
-                    "user_id": row.get("user_id"),
-                    "history": [self.item_titles[h] for h in row["history"]],
-                    "reasoning": result.completions[i],
-                    "target": self.item_titles[row["target"]],
-                    "rank": int(result.ranks[i]),
-                    "top10": [
-                        {"title": self.item_titles[int(item)], "score": round(float(score), 4)}
-                        for item, score in zip(result.top_items[i], result.top_scores[i], strict=True)
-                    ],
-                }
+            for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def save_item_index(self, output_dir: str) -> None:
@@ -780,23 +840,36 @@ class RecPOTrainer(GRPOTrainer):
 
 
 class TimeBudgetCallback(TrainerCallback):
-    """Ends training after the step during which the wall-clock budget ran out."""
+    """Ends training after the step during which the wall-clock budget ran out, on every process at that step.
 
-    def __init__(self, minutes: float) -> None:
+    Each process reads its own clock; if one stopped alone, it would start the final evaluation while the others
+    wait for it in the next step's collectives. So the processes stop together once any one's budget is spent
+    (`on_any_process`, a collective at every step end; a stand-in in tests)."""
+
+    def __init__(self, minutes: float, on_any_process: Callable[[bool], bool] | None = None) -> None:
         self.seconds = minutes * 60.0
         self.started: float | None = None
+        self.on_any_process = on_any_process or true_on_any_process
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.started is not None and time.perf_counter() - self.started >= self.seconds:
+        spent = self.started is not None and time.perf_counter() - self.started >= self.seconds
+        if self.on_any_process(spent):
             logger.info(
                 "Time budget of %.1f min reached at step %d: stopping", self.seconds / 60, state.global_step
             )
             control.should_training_stop = True
             control.should_save = True
         return control
+
+
+def true_on_any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process. A collective: every process must call it."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    return any(gather_object([flag]))
 
 
 def peak_rss_mb() -> float:
@@ -807,6 +880,22 @@ def peak_rss_mb() -> float:
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KB on Linux
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """Average every trainable parameter's gradient over the processes, in place: DDP's all-reduce, for a backward
+    whose forward DDP did not run. The same parameters hold a gradient on every process (one graph), in one order."""
+    world = torch.distributed.get_world_size()
+    grads: dict[tuple, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.requires_grad and p.grad is not None:
+            grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for group in grads.values():  # one all-reduce per device and dtype
+        flat = torch.cat([g.reshape(-1) for g in group])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for g, averaged in zip(group, flat.split([g.numel() for g in group]), strict=True):
+            g.copy_(averaged.view_as(g))
 
 
 def gather_with_grad(local: torch.Tensor, accelerator) -> tuple[torch.Tensor, int]:

@@ -97,7 +97,12 @@ def test_steps_per_epoch_counts_whole_steps_of_users(
         {"per_device_train_batch_size": 6, "num_generations": 2},
         {"per_device_train_batch_size": 4, "num_generations": 2, "gradient_accumulation_steps": 3},
         {"per_device_train_batch_size": 6, "num_generations": 3, "gradient_accumulation_steps": 2},
-        {"per_device_train_batch_size": 4, "num_generations": 2, "num_iterations": 2},
+        {
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "num_iterations": 2,
+            "item_loss_weight": 0.0,
+        },
         {"per_device_train_batch_size": 4, "num_generations": 2, "steps_per_generation": 2},
     ],
 )
