@@ -47,6 +47,14 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Evaluate on this many test users at the end (all by default)."},
     )
+    eval_users_seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seed that draws the max_eval_users / max_test_users subsets (default 42, whatever --seed is): "
+            "runs of other training seeds score the same users as each other and as `make baselines`, so they "
+            "can be compared user by user."
+        },
+    )
     evaluate_test: bool = field(
         default=True, metadata={"help": "Evaluate the final (best) model on the test split at the end."}
     )

@@ -196,6 +196,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         callbacks=callbacks,
         max_eval_users=script_args.max_eval_users,
         max_test_users=script_args.max_test_users,
+        users_seed=script_args.eval_users_seed,
         prior_split=data["train"],
     )
 

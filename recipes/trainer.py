@@ -109,9 +109,11 @@ class RecPOTrainer(GRPOTrainer):
         max_eval_users: int | None = None,
         max_test_users: int | None = None,
         prior_split: Dataset | None = None,
+        users_seed: int | None = None,
     ):
         """`prior_split`: the split whose targets the popularity prior counts (default: `train_dataset`; the entry
-        point passes the whole train split, which `train_dataset` may be a sample of).
+        point passes the whole train split, which `train_dataset` may be a sample of). `users_seed` draws the
+        max_eval_users / max_test_users subsets (default: args.seed; the entry point passes eval_users_seed).
 
         `push_to_hub` is taken out of TRL's hands: TRL would create the repository here, push every checkpoint
         (training_args.bin, a pickle of local paths, included) and its generic card. `push_requested` keeps the
@@ -148,11 +150,12 @@ class RecPOTrainer(GRPOTrainer):
         self.item_index: torch.Tensor | None = None  # (items, d), float32
         self.index_step: int | None = None
         self.test_dataset = test_dataset
+        users_seed = args.seed if users_seed is None else users_seed  # which users the evaluations score
         self.eval_rows = (
-            _subset(eval_dataset, max_eval_users, args.seed) if eval_dataset is not None else None
+            _subset(eval_dataset, max_eval_users, users_seed) if eval_dataset is not None else None
         )
         self.test_rows = (
-            _subset(test_dataset, max_test_users, args.seed) if test_dataset is not None else None
+            _subset(test_dataset, max_test_users, users_seed) if test_dataset is not None else None
         )
         self.item_log_q = (
             target_log_frequency(train_dataset["target"], len(items)) if args.item_logq_correction else None

@@ -196,6 +196,7 @@ def build_trainer(
     lora: bool = True,
     random_lora_b: bool = False,
     max_eval_users: int | None = 4,
+    users_seed: int | None = None,
     **config,
 ):
     """A RecPOTrainer on the tiny model and the synthetic data, built in-process (no `main`)."""
@@ -228,6 +229,7 @@ def build_trainer(
         peft_config=peft_config,
         max_eval_users=max_eval_users,
         max_test_users=max_eval_users,
+        users_seed=users_seed,
     )
 
 

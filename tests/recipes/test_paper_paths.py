@@ -389,3 +389,29 @@ def test_checkpointed_no_reasoning_loss_runs_prompts_whole_with_the_same_gradien
     assert recomputed > 0
     assert_close_at_scale(got_loss, want_loss, name="loss")
     assert_dicts_close_at_scale(got_grads, want_grads)
+
+
+def test_the_evaluated_users_are_drawn_by_eval_users_seed_whatever_the_training_seed(
+    tokenizer, synthetic_data, tmp_path
+):
+    """Runs of several training seeds must score the same users as each other and as `make baselines` (seed 42),
+    or their figures cannot be paired; without users_seed the subset follows the training seed."""
+    from recipes.evaluation import sample_indices
+
+    def users(seed, users_seed):
+        t = build_trainer(
+            tokenizer, synthetic_data, tmp_path / f"s{seed}-{users_seed}", seed=seed, users_seed=users_seed
+        )
+        return [r["sample_index"] for r in t.eval_rows], [r["sample_index"] for r in t.test_rows]
+
+    valid_rows, test_rows = len(load_split(synthetic_data, "valid")), len(load_split(synthetic_data, "test"))
+    want = (sample_indices(valid_rows, 4, 42), sample_indices(test_rows, 4, 42))
+    assert users(7, 42) == users(42, 42) == want
+    assert users(7, None) != users(42, None)  # the training seed alone would draw other users
+    assert recpo_args(tmp_path / "defaults", "unused", synthetic_data)[0].eval_users_seed == 42
+
+
+def load_split(data_dir, split):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(data_dir))[split]
