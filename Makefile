@@ -45,6 +45,7 @@ train: setup
 baselines: setup
 	test -d $(TRAIN_DATA) || $(PY) -m data_prep movielens --window-size 5 --out $(TRAIN_DATA)
 	$(PY) -m recipes.baselines popularity --data $(TRAIN_DATA) --max-users 200 --out reports/ml-100k/popularity.json
+	$(PY) -m recipes.baselines recent-popularity --data $(TRAIN_DATA) --max-users 200 --out reports/ml-100k/recent-popularity.json
 	$(PY) -m recipes.baselines sasrec --data $(TRAIN_DATA) --max-users 200 --out reports/ml-100k/sasrec.json
 
 # make report RUNS="popularity=reports/ml-100k/popularity.json recpo=outputs/smollm2-135m-movielens-recpo"
