@@ -8,15 +8,16 @@ and ranks bounded by the popularity order (with a prior weight so large that it 
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes import evaluate, recommend, recpo
+from recipes import evaluate, recommend
 from tests.numerics import assert_close_at_scale
-from tests.recipes.conftest import build_trainer, recpo_args
+from tests.recipes.conftest import build_trainer
 from tests.recipes.test_losses import ADVANTAGES, RELABEL, plain_item_vectors
 
 FAST = ["--max-new-tokens", "4", "--threads", "1", "--item-batch-size", "64", "--dtype", "float32"]
@@ -141,17 +142,11 @@ def test_rewards_and_evaluation_rank_with_the_prior(tokenizer, synthetic_data, t
 
 
 @pytest.fixture(scope="module")
-def prior_run(tiny_model_dir, synthetic_data, tmp_path_factory):
+def prior_run(tiny_run, tmp_path_factory):
+    """A run trained with the prior at weight 1: the session's tiny run, copied (the commands below may write
+    into the folder they score)."""
     out = tmp_path_factory.mktemp("prior-run") / "run"
-    args = recpo_args(
-        out,
-        tiny_model_dir,
-        synthetic_data,
-        popularity_prior_weight=1.0,
-        item_logq_correction=True,
-        max_steps=1,
-    )
-    recpo.main(*args)
+    shutil.copytree(tiny_run, out)
     return out
 
 
