@@ -33,6 +33,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from recipes import eval_cache, modeling
 from recipes.config import RecPOConfig, ScriptArguments, recipe_settings
 from recipes.model_card import write_card
+from recipes.onednn import bound_primitive_cache
 from recipes.precision import Precision, resolve_precision
 from recipes.publish import PublishError, hub_offline, publish
 from recipes.results import format_table, write_results
@@ -154,6 +155,7 @@ def evaluate_untrained(
 
 
 def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: ModelConfig) -> dict:
+    bound_primitive_cache()  # before the first matrix product: oneDNN's kernel cache otherwise grows all run
     set_seed(training_args.seed)
     setup_logging(training_args)
     setup_wandb(training_args)
