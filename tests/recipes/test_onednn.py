@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from recipes.onednn import DEFAULT_PRIMITIVE_CACHE_CAPACITY, PRIMITIVE_CACHE_VARIABLE, bound_primitive_cache
@@ -6,8 +8,6 @@ from recipes.onednn import DEFAULT_PRIMITIVE_CACHE_CAPACITY, PRIMITIVE_CACHE_VAR
 def test_the_primitive_cache_gets_the_default_bound_when_the_environment_sets_none(monkeypatch):
     monkeypatch.delenv(PRIMITIVE_CACHE_VARIABLE, raising=False)
     assert bound_primitive_cache() == DEFAULT_PRIMITIVE_CACHE_CAPACITY == 64
-    import os
-
     assert os.environ[PRIMITIVE_CACHE_VARIABLE] == "64"
 
 
