@@ -211,6 +211,40 @@ def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
     return ((total @ total - n) / (n * (n - 1))).item()
 
 
+COLLAPSED_SPREAD = 0.1  # score units (nats of the softmax): below it the cosine term hardly reorders anything
+
+
+def score_spread(vectors: torch.Tensor, tau: float, rows: int = 256, chunk: int = 64) -> float:
+    """How far the cosine term spreads an item's scores: the standard deviation over the catalog of cos(v_i, v_j)
+    / tau, averaged over up to `rows` evenly spaced items i, in the score's own units (a difference of 1 is a
+    factor e in the softmax). Item vectors stand in for user vectors, which live in the same space. On MovieLens at
+    tau 0.02 the untrained SmolLM2 reads 0.42, runs that learned 0.33-0.67, warm-ups that collapsed 0.03-0.08
+    (reports/README.md). O(rows N d)."""
+    n = vectors.size(0)
+    if n < 2:
+        return float("nan")
+    unit = F.normalize(vectors.float(), dim=-1)
+    picked = torch.linspace(0, n - 1, steps=min(rows, n)).round().long().unique()
+    spreads = [(unit[part] @ unit.T).std(dim=1) for part in picked.split(chunk)]
+    return (torch.cat(spreads).mean() / tau).item()
+
+
+def collapse_warning(spread: float, prior: torch.Tensor | None) -> str | None:
+    """What to tell the user when the cosine term no longer ranks (score_spread below COLLAPSED_SPREAD), or None."""
+    if not spread < COLLAPSED_SPREAD:  # also None for nan
+        return None
+    if prior is not None and prior.numel() > 1:
+        ranked = f"the popularity prior (spread {prior.float().std().item():.2f}) ranks on its own: popularity's ranking"
+    else:
+        ranked = "every item scores about the same"
+    return (
+        f"The item vectors have collapsed: the cosine term spreads the scores by {spread:.3f} "
+        f"(standard deviation over the catalog, in score units), so {ranked}. The no-reasoning item warm-up falls "
+        "into this on some data orders (2 of 5 seeds tried; reports/README.md, 'What decides the collapse'); "
+        "try another --seed."
+    )
+
+
 @dataclass
 class RankingResult:
     ranks: torch.Tensor  # (users,) 1-based rank of the target

@@ -42,6 +42,7 @@ from recipes.decoding import UnsupportedSampling, reason_and_encode, sampling_wa
 from recipes.evaluation import (
     RankingResult,
     build_item_index,
+    collapse_warning,
     cosine_scores,
     evaluate_users,
     mean_pairwise_cosine,
@@ -50,6 +51,7 @@ from recipes.evaluation import (
     render_item_prompt,
     render_user_prompt,
     sample_indices,
+    score_spread,
     stop_at_marker,
     unwrap_for_generate,
 )
@@ -200,8 +202,21 @@ class RecPOTrainer(GRPOTrainer):
             or built < self.args.item_warmup_steps <= step
         )
         if self.item_index is None or stale:
+            warmup = self.args.item_warmup_steps
+            warmup_ended = 0 < warmup <= step and (built is None or built < warmup)
             self.refresh_item_index()
+            if warmup_ended:
+                spread = self.check_spread(f"after the {self.args.item_warmup_steps} item warm-up steps")
+                self._metrics["train"]["index/score_spread"].append(spread)
         return self.item_index
+
+    def check_spread(self, when: str) -> float:
+        """The item index's score_spread; warns (on the main process) when the vectors have collapsed."""
+        spread = score_spread(self.item_index, self.args.similarity_temperature)
+        message = collapse_warning(spread, self.prior_bias)
+        if message is not None and self.accelerator.is_main_process:
+            logger.warning("%s (%s)", message, when)
+        return spread
 
     def _refresh_rows(self, items: list[int]) -> None:
         """Give the batch's target items fresh vectors from the current policy, on every process alike."""
@@ -705,7 +720,10 @@ class RecPOTrainer(GRPOTrainer):
         self.refresh_item_index()
         # How crowded the catalog is: a small LM's hidden states share one large direction (the untrained
         # SmolLM2's items have a mean pairwise cosine of ~0.99), which training must spread to rank well.
-        metrics: dict[str, float] = {"index/mean_cosine": mean_pairwise_cosine(self.item_index)}
+        metrics: dict[str, float] = {
+            "index/mean_cosine": mean_pairwise_cosine(self.item_index),
+            "index/score_spread": self.check_spread(f"evaluation at step {self.state.global_step}"),
+        }
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         for name, rows in splits.items():
             if not rows:

@@ -8,6 +8,7 @@ ranks, rewards and advantages by hand: the helpers of test_evaluation.py), and t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -274,6 +275,7 @@ def test_two_step_run_writes_results_and_logs_reward_metrics(tiny_model_dir, syn
     ]
     assert last_eval["valid/mean_rank"] == pytest.approx(sum(traced) / len(traced))
     assert -1.0 <= last_eval["index/mean_cosine"] <= 1.0
+    assert last_eval["index/score_spread"] > 0.0
 
 
 def test_mean_pairwise_cosine_matches_the_mean_over_pairs():
@@ -360,6 +362,35 @@ def test_the_item_index_is_built_at_the_start_and_rebuilt_on_its_schedule(
     assert indexes[0].shape == (len(trainer.items), trainer.model.config.hidden_size)
     for step in range(1, 6):  # a rebuild is a new tensor; between rebuilds the same one is reused
         assert (indexes[step] is not indexes[step - 1]) == (step in built_at), step
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_the_end_of_the_item_warm_up_measures_the_spread_and_warns_when_the_vectors_collapsed(
+    tokenizer, synthetic_data, tmp_path, monkeypatch, caplog, collapsed
+):
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", item_warmup_steps=2)
+    build = trainer.refresh_item_index
+
+    def refresh():
+        index = build()
+        if collapsed and trainer.state.global_step >= 2:  # what a collapsed warm-up leaves: one direction
+            index = index[:1].expand_as(index) + 1e-5 * torch.randn_like(index)
+        trainer.item_index = index
+        return index
+
+    monkeypatch.setattr(trainer, "refresh_item_index", refresh)
+    with caplog.at_level(logging.WARNING, logger="recipes.trainer"):
+        for step in range(3):
+            trainer.state.global_step = step
+            trainer._ensure_index()
+    spreads = trainer._metrics["train"]["index/score_spread"]
+    assert len(spreads) == 1  # measured once, when RecPO's first step rebuilt the index
+    warned = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    if collapsed:
+        assert spreads[0] < 0.1
+        assert len(warned) == 1 and "after the 2 item warm-up steps" in warned[0]
+    else:
+        assert spreads[0] > 0.1 and not warned
 
 
 def test_a_training_step_moves_each_lora_weight_by_adams_first_step_and_no_frozen_weight(
