@@ -322,18 +322,47 @@ def _load_adapter(folder: Path, base: str, dtype: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- item index
 
 
+LORA_FACTOR_PAIRS = {"lora_B": "lora_A", "lora_embedding_B": "lora_embedding_A"}  # peft's names: B -> its A
+
+
+def inert_lora_factors(model: nn.Module) -> set[str]:
+    """Names of the LoRA A factors whose B factor is all zeros. The update is B A, zero whatever A holds, so these
+    values cannot change what the model computes: peft starts every adapter so (B at zero, A random from the
+    seed), and an untrained model of any seed is the base model."""
+    params = dict(model.named_parameters())
+    inert = set()
+    with torch.no_grad():
+        for name, tensor in params.items():
+            parts = name.split(".")
+            for i, part in enumerate(parts):
+                partner = LORA_FACTOR_PAIRS.get(part)
+                if partner is None:
+                    continue
+                a_name = ".".join([*parts[:i], partner, *parts[i + 1 :]])
+                if a_name in params and not bool(tensor.detach().any()):
+                    inert.add(a_name)
+    return inert
+
+
 def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of the weights: name, shape, dtype and every byte of each parameter and buffer.
+    """A hash of what the weights compute: name, shape, dtype and every byte of each parameter and buffer, except
+    the bytes of LoRA A factors whose B is zero (`inert_lora_factors`: no value of theirs changes the output).
 
     Every byte: a sample of each tensor misses a change outside it (one token's embedding row, a LoRA update of a
     few elements), and the evaluation cache would report another model's figures. It costs about 0.5 s for
     SmolLM2-135M in float32 on one CPU core (sha256 at ~1 GB/s), against the minutes of the evaluation it keys.
     Buffers too: the rotary frequencies come from the config (rope_theta, rope_scaling), not from the weights.
+    Without the inert factors, the untrained model of every `--seed` has one fingerprint, so a run on a new seed
+    finds the untrained evaluation and item index another seed cached.
     """
+    inert = inert_lora_factors(model)
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if name in inert:
+                digest.update(b"inert")
+                continue
             digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
     return digest.hexdigest()
 

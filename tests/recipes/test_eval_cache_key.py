@@ -65,7 +65,6 @@ def nudged(trainer, name_part: str, position: int) -> str:
 @pytest.mark.parametrize(
     "name_part, position",
     [
-        ("lora_A", 0),
         ("mlp.up_proj.lora_B", 1),  # 128 x 4 elements
         ("embed_tokens", 0),
         ("embed_tokens", 1),  # one token's embedding among 49k
@@ -79,6 +78,34 @@ def test_one_weight_element_moved_by_one_float_step_changes_the_key(
     trainer, key = base
     name = nudged(trainer, name_part, position)
     assert key_of(trainer, synthetic_data) != key, f"{name}[{position}] changed, the key did not"
+
+
+def test_lora_a_counts_once_its_b_is_not_zero(tokenizer, synthetic_data, tmp_path):
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "trained", random_lora_b=True)
+    key = key_of(trainer, synthetic_data)
+    name = nudged(trainer, "lora_A", 0)
+    assert key_of(trainer, synthetic_data) != key, f"{name}[0] changed, the key did not"
+
+
+def test_another_lora_initialisation_with_b_at_zero_keeps_the_key(tokenizer, synthetic_data, tmp_path, base):
+    # peft starts B at zero: B A = 0 for any A, so every seed's untrained model is the base model and shares
+    # the cached evaluation (and item index); a nudged A with B still zero computes the same, too.
+    trainer, key = base
+    other = build_trainer(  # another seed initialises LoRA; the evaluated users stay the base's
+        tokenizer, synthetic_data, tmp_path / "other-seed", seed=7, users_seed=trainer.args.seed
+    )
+    a_base, a_other = (
+        next(p for n, p in t.model.named_parameters() if "lora_A" in n) for t in (trainer, other)
+    )
+    assert not torch.equal(a_base, a_other)  # really another initialisation
+    ids = torch.tensor([tokenizer.encode("a user who likes jazz <answer>")])
+    with torch.no_grad():
+        assert torch.equal(trainer.model(ids).logits, other.model(ids).logits)  # and the same function
+    assert key_of(other, synthetic_data) == key
+    nudged(other, "lora_A", 0)
+    assert key_of(other, synthetic_data) == key
+    nudged(other, "mlp.up_proj.lora_B", 1)  # now that B is not zero, A matters: the key moves
+    assert key_of(other, synthetic_data) != key
 
 
 def test_another_random_model_changes_the_key(tokenizer, synthetic_data, tmp_path, base):
