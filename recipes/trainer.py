@@ -195,18 +195,17 @@ class RecPOTrainer(GRPOTrainer):
         return self.item_index
 
     def _ensure_index(self) -> torch.Tensor:
-        step, built = self.state.global_step, self.index_step
+        step, built, warmup = self.state.global_step, self.index_step, self.args.item_warmup_steps
+        # The item warm-up moved every item vector without using the index: rebuild it once RecPO starts.
+        warmup_ended = 0 < warmup <= step and (built is None or built < warmup)
         stale = built is not None and (
             (self.args.index_refresh_steps > 0 and step - built >= self.args.index_refresh_steps)
-            # The item warm-up moved every item vector without using the index: rebuild it once RecPO starts.
-            or built < self.args.item_warmup_steps <= step
+            or warmup_ended
         )
         if self.item_index is None or stale:
-            warmup = self.args.item_warmup_steps
-            warmup_ended = 0 < warmup <= step and (built is None or built < warmup)
             self.refresh_item_index()
             if warmup_ended:
-                spread = self.check_spread(f"after the {self.args.item_warmup_steps} item warm-up steps")
+                spread = self.check_spread(f"after the {warmup} item warm-up steps")
                 self._metrics["train"]["index/score_spread"].append(spread)
         return self.item_index
 
