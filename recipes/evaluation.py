@@ -229,6 +229,16 @@ def score_spread(vectors: torch.Tensor, tau: float, rows: int = 256, chunk: int 
     return (torch.cat(spreads).mean() / tau).item()
 
 
+def batch_score_spread(user_vecs: torch.Tensor, item_vecs: torch.Tensor, tau: float) -> float:
+    """score_spread of one training batch: the standard deviation of cos(u, v) / tau over the batch's items,
+    averaged over its users (R, d) x (B, d); the same units and the same collapse threshold as the index's."""
+    if item_vecs.size(0) < 2:
+        return float("nan")
+    with torch.no_grad():
+        cos = F.normalize(user_vecs.float(), dim=-1) @ F.normalize(item_vecs.float(), dim=-1).T  # (R, B)
+        return (cos.std(dim=1).mean() / tau).item()
+
+
 def collapse_warning(spread: float, prior: torch.Tensor | None) -> str | None:
     """What to tell the user when the cosine term no longer ranks (score_spread below COLLAPSED_SPREAD), or None."""
     if not spread < COLLAPSED_SPREAD:  # also None for nan
@@ -241,7 +251,7 @@ def collapse_warning(spread: float, prior: torch.Tensor | None) -> str | None:
         f"The item vectors have collapsed: the cosine term spreads the scores by {spread:.3f} "
         f"(standard deviation over the catalog, in score units), so {ranked}. The no-reasoning item warm-up falls "
         "into this on some data orders (2 of 5 seeds tried; reports/README.md, 'What decides the collapse'); "
-        "try another --seed."
+        "try another --seed, or --warmup_restarts 2 to have the warm-up start over when it collapses."
     )
 
 

@@ -344,6 +344,19 @@ def inert_lora_factors(model: nn.Module) -> set[str]:
     return inert
 
 
+def redraw_lora(model: nn.Module, seed: int) -> int:
+    """Start every LoRA adapter afresh, as peft initialises one (A random, B zero), drawing from `seed` alone, so
+    that every process draws the same factors; the global random state is left as it was. Returns how many
+    adapted layers were reset."""
+    layers = [m for m in model.modules() if hasattr(m, "reset_lora_parameters") and hasattr(m, "lora_A")]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for layer in layers:
+            for adapter in list(layer.lora_A.keys()):
+                layer.reset_lora_parameters(adapter, True)
+    return len(layers)
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """A hash of what the weights compute: name, shape, dtype and every byte of each parameter and buffer, except
     the bytes of LoRA A factors whose B is zero (`inert_lora_factors`: no value of theirs changes the output).

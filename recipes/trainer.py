@@ -40,7 +40,9 @@ from trl.data_utils import is_conversational
 from recipes.config import RecPOConfig
 from recipes.decoding import UnsupportedSampling, reason_and_encode, sampling_warpers, unsupported_head
 from recipes.evaluation import (
+    COLLAPSED_SPREAD,
     RankingResult,
+    batch_score_spread,
     build_item_index,
     collapse_warning,
     cosine_scores,
@@ -56,6 +58,7 @@ from recipes.evaluation import (
     unwrap_for_generate,
 )
 from recipes.intervals import per_user_record
+from recipes.loading import redraw_lora
 from recipes.logprobs import shared_prompt_logps
 from recipes.precision import lora_in_base_dtype
 from recipes.run_folder import (
@@ -84,6 +87,7 @@ from rewards.surrogate import in_batch_logits, item_surrogate_loss, mixed_log_fr
 
 logger = logging.getLogger(__name__)
 
+RESTARTS_FILE = "warmup_restarts.json"  # in a checkpoint: the warm-up restarts so far, for a resumed run
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
 # TRL's metrics of completions that end in EOS: none does in RecPO (each is closed by the answer marker).
 TRL_EOS_METRICS = (
@@ -179,6 +183,12 @@ class RecPOTrainer(GRPOTrainer):
         self._marker_hidden: torch.Tensor | None = None
         self._reasons_logged: set[str] = set()
         self._bypassed_ddp = False  # this micro-batch's loss came from forwards DDP did not see
+        # warmup_restarts: restarts so far, the global step of the current start, its in-batch score spreads
+        self.warmup_restarts_done = 0
+        self.warmup_started_at = 0
+        self._configured_warmup = args.item_warmup_steps
+        self._batch_spreads: list[float] = []
+        self._restart_checked_at: int | None = None
 
     # ------------------------------------------------------------------ item index
     def refresh_item_index(self) -> torch.Tensor:
@@ -231,6 +241,98 @@ class RecPOTrainer(GRPOTrainer):
         prompts = [self.item_prompt_ids[i] for i in item_columns]
         return prefill(model, prompts, self.processing_class.pad_token_id).last_hidden
 
+    # ------------------------------------------------------------------ warm-up restarts
+    def restart_warmup_if_collapsed(self) -> bool:
+        """`warmup_restarts`: at the check step of the current warm-up start, start over if the batches' score
+        spread says the item vectors collapsed (see the field's help). A collective at that step: every process
+        reaches it at the same global step and they decide on the mean spread, so they restart together with the
+        same new factors. Returns whether it restarted."""
+        args, step = self.args, self.state.global_step
+        if (
+            self.warmup_restarts_done >= args.warmup_restarts
+            or not self.in_item_warmup()
+            or step - self.warmup_started_at != args.warmup_restart_check_steps
+            or self._restart_checked_at == step  # the window's other micro-batches
+        ):
+            return False
+        self._restart_checked_at = step
+        recent = self._batch_spreads[-10:]
+        local = torch.tensor(
+            [sum(recent) / len(recent) if recent else float("nan")], device=self.accelerator.device
+        )
+        spread = self.accelerator.gather(local).mean().item()
+        self._metrics["train"]["warmup/check_spread"].append(spread)
+        if not spread < COLLAPSED_SPREAD:
+            return False
+        spent = step - self.warmup_started_at
+        self.warmup_restarts_done += 1
+        layers = redraw_lora(self.model, args.seed + self.warmup_restarts_done)
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        optimizer.state.clear()  # Adam's moments and step count: the new factors start from a fresh optimiser
+        self._extend_warmup(spent)
+        self.warmup_started_at = step
+        self._batch_spreads.clear()
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "The item vectors collapsed in the first %d warm-up steps (in-batch score spread %.3f < %.1f over "
+                "the last 10 steps): %d LoRA layers drawn afresh, Adam's state cleared, the warm-up continues on the "
+                "next batches (restart %d of at most %d); item_warmup_steps is now %d and max_steps %d.",
+                spent,
+                spread,
+                COLLAPSED_SPREAD,
+                layers,
+                self.warmup_restarts_done,
+                args.warmup_restarts,
+                args.item_warmup_steps,
+                self.state.max_steps,
+            )
+        return True
+
+    def _extend_warmup(self, steps: int) -> None:
+        """Lengthen the item warm-up and the run by `steps` (the progress bar too)."""
+        self.args.item_warmup_steps += steps
+        self.args.max_steps += steps
+        self.state.max_steps += steps
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.total = self.state.max_steps
+                bar.refresh()
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.warmup_restarts_done and self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if folder.is_dir():
+                record = {
+                    "restarts": self.warmup_restarts_done,
+                    "started_at": self.warmup_started_at,
+                    "extra_steps": self.args.item_warmup_steps - self._configured_warmup,
+                }
+                (folder / RESTARTS_FILE).write_text(json.dumps(record) + "\n")
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """A resumed run takes back its warm-up restarts (and the steps they added) from the checkpoint."""
+        self._configured_warmup = self.args.item_warmup_steps
+        folder = resume_from_checkpoint
+        if folder is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir)
+        record_file = Path(folder) / RESTARTS_FILE if isinstance(folder, (str, os.PathLike)) else None
+        if record_file is not None and record_file.is_file():
+            record = json.loads(record_file.read_text())
+            self.warmup_restarts_done = int(record["restarts"])
+            self.warmup_started_at = int(record["started_at"])
+            self.args.item_warmup_steps += int(record["extra_steps"])
+            self.args.max_steps += int(record["extra_steps"])
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
     def _log_once(self, message: str, *args) -> None:
         text = message % args if args else message
         if text not in self._reasons_logged:
@@ -239,6 +341,7 @@ class RecPOTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._bypassed_ddp = False
+        self.restart_warmup_if_collapsed()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._bypassed_ddp and self.accelerator.sync_gradients:
             # The loss's forward ran on the unwrapped model, so DDP's reducer never armed: its all-reduce is done
@@ -644,6 +747,10 @@ class RecPOTrainer(GRPOTrainer):
             item_ids = torch.tensor(gathered, dtype=torch.long, device=columns.device)
         bias = self._column_bias(item_ids, len(columns), len(sampled))
         if advantages is None:
+            if self.model.training:  # the warm-up's (or the no-reasoning run's) collapse gauge
+                spread = batch_score_spread(user_vecs, item_vecs, self.args.similarity_temperature)
+                self._batch_spreads.append(spread)
+                self._metrics["train"]["item/batch_spread"].append(spread)
             logits = in_batch_logits(
                 user_vecs,
                 item_vecs,

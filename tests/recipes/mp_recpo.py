@@ -21,6 +21,7 @@ from transformers import TrainerCallback, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from recipes import trainer as trainer_module  # noqa: E402
 from recipes.modeling import load_model, load_tokenizer  # noqa: E402
 from recipes.trainer import TimeBudgetCallback  # noqa: E402
 from tests.recipes.conftest import build_trainer  # noqa: E402
@@ -58,6 +59,10 @@ DETERMINISTIC_STEPS = {"no_reasoning": 3, "no_reasoning_accumulated": 3, "warmup
 EVAL_USERS = {"valid": 3, "test": 1}
 # Rank 1's budget runs out at its first step, rank 0's never: the processes must still stop together.
 BUDGET_MODE = "time_budget"
+# A warm-up that "collapses" (the threshold forced up) after 1 step: both ranks restart it together, with the
+# same new LoRA factors, and run the spent step again (4 steps).
+RESTART_MODE = "warmup_restart"
+RESTART = {"item_warmup_steps": 3, "warmup_restarts": 1, "warmup_restart_check_steps": 1}
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -79,6 +84,8 @@ def run_mode(
 ) -> dict:
     """Train `mode` for its steps and return what the test compares (see the module docstring)."""
     overrides = {**COMMON, **MODES.get(mode, {"reasoning": False}), **extra}
+    if mode == RESTART_MODE:
+        overrides.update(RESTART)
     overrides["per_device_train_batch_size"] = users_per_device * overrides["num_generations"]
     set_seed(42)  # as recipes/recpo.py does first: the LoRA initialisation draws from it
     tokenizer = load_tokenizer(str(model_dir))
@@ -89,7 +96,13 @@ def run_mode(
     trainer.add_callback(snapshots)
     if mode == BUDGET_MODE:
         trainer.add_callback(TimeBudgetCallback(0.0 if trainer.accelerator.process_index == 1 else 1e6))
-    trainer.train()
+    threshold = trainer_module.COLLAPSED_SPREAD
+    if mode == RESTART_MODE:
+        trainer_module.COLLAPSED_SPREAD = 1e9
+    try:
+        trainer.train()
+    finally:
+        trainer_module.COLLAPSED_SPREAD = threshold
     evaluation = None
     if mode != BUDGET_MODE:
         rows = {split: trainer.eval_rows[:count] for split, count in EVAL_USERS.items()}
@@ -117,4 +130,4 @@ def main(out: Path, model_dir: Path, data_dir: Path, modes: list[str]) -> None:
 
 if __name__ == "__main__":
     out, model_dir, data_dir, *modes = sys.argv[1:]
-    main(Path(out), Path(model_dir), Path(data_dir), modes or [*MODES, BUDGET_MODE])
+    main(Path(out), Path(model_dir), Path(data_dir), modes or [*MODES, BUDGET_MODE, RESTART_MODE])

@@ -13,7 +13,7 @@ import torch
 from datasets import DatasetDict, load_from_disk
 
 from recipes.eval_cache import evaluation_key
-from recipes.loading import weights_fingerprint
+from recipes.loading import redraw_lora, weights_fingerprint
 from recipes.trainer import _subset
 from tests.recipes.conftest import build_tiny_model, build_trainer
 
@@ -214,3 +214,23 @@ def test_other_evaluation_settings_change_the_key(tokenizer, synthetic_data, tmp
     _, key = base
     other = build_trainer(tokenizer, synthetic_data, tmp_path / "other", **change)
     assert key_of(other, synthetic_data) != key
+
+
+def test_redraw_lora_starts_every_adapter_afresh_from_its_seed_alone(tokenizer, synthetic_data, tmp_path):
+    # What a warm-up restart does on every process: the same seed gives the same factors whatever the weights
+    # and the global random state were, B is zero again (the base model's function), and the global state stays.
+    first = build_trainer(tokenizer, synthetic_data, tmp_path / "a", random_lora_b=True)
+    second = build_trainer(tokenizer, synthetic_data, tmp_path / "b", random_lora_b=True, seed=7)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    layers = [redraw_lora(t.model, seed=5) for t in (first, second)]
+    assert layers[0] == layers[1] > 0
+    assert torch.equal(torch.random.get_rng_state(), state)
+    params = [dict(t.model.named_parameters()) for t in (first, second)]
+    factors = [n for n in params[0] if "lora_" in n]
+    assert factors and all(torch.equal(params[0][n], params[1][n]) for n in factors)
+    assert all(not params[0][n].any() for n in factors if "lora_B" in n)
+    assert all(params[0][n].any() for n in factors if "lora_A" in n)
+    redraw_lora(second.model, seed=6)
+    a = next(n for n in factors if "lora_A" in n)
+    assert not torch.equal(dict(second.model.named_parameters())[a], params[0][a])  # another seed, other A

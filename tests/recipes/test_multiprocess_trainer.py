@@ -26,7 +26,7 @@ from tests.recipes.test_multiprocess import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
-ALL_MODES = [*mp_recpo.MODES, mp_recpo.BUDGET_MODE]
+ALL_MODES = [*mp_recpo.MODES, mp_recpo.BUDGET_MODE, mp_recpo.RESTART_MODE]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,25 @@ def test_two_processes_train_the_model_one_process_trains_on_the_same_global_bat
     for step in range(1, mp_recpo.DETERMINISTIC_STEPS[mode] + 1):
         for name, weight in reference["by_step"][step].items():
             assert_close_at_scale(rank0["by_step"][step][name], weight, name=f"step {step} {name}")
+
+
+def test_a_collapsed_warm_up_restarts_on_both_ranks_together_with_the_same_new_factors(launched):
+    rank0, rank1 = per_rank(launched, mp_recpo.RESTART_MODE)
+    assert (
+        rank0["global_step"] == rank1["global_step"] == mp_recpo.COMMON["max_steps"] + 1
+    )  # the spent step again
+    for rank in (rank0, rank1):
+        checks = [e["step"] for e in rank["history"] if "warmup/check_spread" in e]
+        assert checks == [2]  # decided once, at the first step after the check
+    assert sorted(rank0["by_step"]) == sorted(rank1["by_step"]) == [1, 2, 3, 4]
+    for step in rank0["by_step"]:
+        assert_dicts_close_at_scale(rank1["by_step"][step], rank0["by_step"][step])
+    # After the restart the A factors are new draws: a change far beyond one SGD step's (at most lr x the
+    # clipped gradient norm, 0.1, over all weights together).
+    a_name = next(n for n in rank0["by_step"][1] if "lora_A" in n)
+    redrawn = (rank0["by_step"][2][a_name] - rank0["by_step"][1][a_name]).norm()
+    stepped = (rank0["by_step"][3][a_name] - rank0["by_step"][2][a_name]).norm()
+    assert stepped <= 0.1 + 1e-6 < 0.5 < redrawn
 
 
 def test_a_time_budget_spent_on_one_rank_stops_every_rank_at_that_step(launched):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from recipes.evaluation import COLLAPSED_SPREAD, collapse_warning, score_spread
+from recipes.evaluation import COLLAPSED_SPREAD, batch_score_spread, collapse_warning, score_spread
 
 
 def plain_spread(vectors: torch.Tensor, tau: float, rows: list[int]) -> float:
@@ -68,3 +68,19 @@ def test_spread_vectors_do_not_warn():
     assert collapse_warning(spread, torch.zeros(50)) is None
     assert collapse_warning(math.nan, None) is None  # a one-item catalog has no spread to judge
     assert math.isnan(score_spread(vectors[:1], 0.02))
+
+
+def test_batch_score_spread_is_the_mean_over_users_of_the_std_of_their_cosines_over_tau():
+    gen = torch.Generator().manual_seed(1)
+    users, items = torch.randn(3, 6, generator=gen), torch.randn(5, 6, generator=gen)
+    per_user = []
+    for u in users:
+        cosines = torch.stack([(u @ v) / (u.norm() * v.norm()) for v in items])
+        per_user.append(cosines.std().item())
+    expected = sum(per_user) / len(per_user) / 0.02
+    assert batch_score_spread(users, items, 0.02) == pytest.approx(expected, rel=1e-5)
+    assert batch_score_spread(2.0 * users, items, 0.01) == pytest.approx(2 * expected, rel=1e-5)
+    # every item in one direction: the collapse the warm-up restarts on
+    same = items[:1].expand(5, -1)
+    assert batch_score_spread(users, same, 0.02) < 1e-4 < COLLAPSED_SPREAD
+    assert math.isnan(batch_score_spread(users, items[:1], 0.02))  # one item: no spread to measure

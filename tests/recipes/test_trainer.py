@@ -393,6 +393,110 @@ def test_the_end_of_the_item_warm_up_measures_the_spread_and_warns_when_the_vect
         assert spreads[0] > 0.1 and not warned
 
 
+def warmup_restart_run(out: Path, model_dir: Path, data_dir: Path, **extra) -> list[str]:
+    return recpo_args(
+        out,
+        model_dir,
+        data_dir,
+        item_warmup_steps=3,
+        max_steps=4,
+        warmup_restarts=1,
+        warmup_restart_check_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_a_collapsed_warm_up_starts_over_once_with_new_factors_and_runs_the_steps_it_spent_again(
+    tiny_model_dir, synthetic_data, tmp_path, monkeypatch, caplog, collapsed
+):
+    # The tiny random model's spread is whatever it is: the threshold decides here which way the check goes.
+    monkeypatch.setattr(trainer_module, "COLLAPSED_SPREAD", 1e9 if collapsed else 0.0)
+    redrawn = []
+    real_redraw = trainer_module.redraw_lora
+    monkeypatch.setattr(
+        trainer_module, "redraw_lora", lambda model, seed: redrawn.append(seed) or real_redraw(model, seed)
+    )
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="recipes.trainer"):
+        recpo.main(*warmup_restart_run(out, tiny_model_dir, synthetic_data))
+    last = 6 if collapsed else 4
+    logs = [e for e in log_history(out / f"checkpoint-{last}") if "loss" in e]
+    assert [e["step"] for e in logs] == list(range(1, last + 1))
+    warmup_steps = 5 if collapsed else 3  # the 2 steps spent before the restart are run again
+    assert all("reward" not in e for e in logs[:warmup_steps])
+    assert all("reward" in e for e in logs[warmup_steps:])
+    assert all(e["item/batch_spread"] > 0 for e in logs[:warmup_steps])
+    checks = [e for e in logs if "warmup/check_spread" in e]
+    warned = [r.getMessage() for r in caplog.records if "collapsed in the first" in r.getMessage()]
+    if collapsed:
+        # checked at step 2 of the first start only: one restart allowed, so its second start is not checked
+        assert [e["step"] for e in checks] == [3]
+        assert redrawn == [43]  # seed 42 + restart 1
+        assert len(warned) == 1 and "restart 1 of at most 1" in warned[0]
+        assert not (out / "checkpoint-2" / trainer_module.RESTARTS_FILE).exists()  # saved before the restart
+        record = json.loads((out / "checkpoint-4" / trainer_module.RESTARTS_FILE).read_text())
+        assert record == {"restarts": 1, "started_at": 2, "extra_steps": 2}
+        run_config = json.loads((out / "run_config.json").read_text())
+        assert run_config["training"]["changed"]["item_warmup_steps"]["value"] == 5  # what the run did
+    else:
+        assert [e["step"] for e in checks] == [3] and not redrawn and not warned
+
+
+def test_a_warm_up_restart_clears_adams_state_and_lengthens_the_run_by_the_steps_spent(
+    tokenizer, synthetic_data, tmp_path
+):
+    trainer = build_trainer(
+        tokenizer,
+        synthetic_data,
+        tmp_path / "out",
+        item_warmup_steps=10,
+        max_steps=12,
+        warmup_restarts=1,
+        warmup_restart_check_steps=4,
+    )
+    trainer.create_optimizer()
+    trainer.state.max_steps = 12
+    param = next(p for p in trainer.model.parameters() if p.requires_grad)
+    trainer.optimizer.state[param] = {"step": torch.tensor(4.0), "exp_avg": torch.ones_like(param)}
+    trainer.model.train()
+    trainer._batch_spreads = [0.5] * 5 + [0.01] * 10  # only the last 10 steps count
+    trainer.state.global_step = 3
+    assert not trainer.restart_warmup_if_collapsed()  # not the check step yet
+    trainer.state.global_step = 4
+    assert trainer.restart_warmup_if_collapsed()
+    assert not trainer.optimizer.state  # Adam starts over with the new factors
+    assert (trainer.args.item_warmup_steps, trainer.args.max_steps, trainer.state.max_steps) == (14, 16, 16)
+    assert trainer.warmup_started_at == 4 and trainer.warmup_restarts_done == 1
+    assert trainer._metrics["train"]["warmup/check_spread"] == [pytest.approx(0.01)]
+    assert not trainer.restart_warmup_if_collapsed()  # the same step's other micro-batches: checked once
+    trainer.state.global_step = 8
+    trainer._batch_spreads = [0.01] * 10
+    assert not trainer.restart_warmup_if_collapsed()  # the one restart allowed is spent
+
+
+def test_a_resumed_run_takes_its_warm_up_restart_back_from_the_checkpoint(
+    tiny_model_dir, synthetic_data, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(trainer_module, "COLLAPSED_SPREAD", 1e9)
+    out = tmp_path / "run"
+    recpo.main(*warmup_restart_run(out, tiny_model_dir, synthetic_data))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-4", resumed / "checkpoint-4")
+    recpo.main(
+        *warmup_restart_run(
+            resumed, tiny_model_dir, synthetic_data, resume_from_checkpoint=str(resumed / "checkpoint-4")
+        )
+    )
+    logs = [e for e in log_history(resumed / "checkpoint-6") if "loss" in e]
+    # Without the record the resumed run would end at the configured max_steps 4, its warm-up at step 3.
+    assert [e["step"] for e in logs if e["step"] > 4] == [5, 6]
+    assert "reward" not in logs[-2] and "reward" in logs[-1]
+    assert not [e for e in logs if e["step"] > 4 and "warmup/check_spread" in e]  # no second restart
+
+
 def test_a_training_step_moves_each_lora_weight_by_adams_first_step_and_no_frozen_weight(
     tokenizer, synthetic_data, tmp_path
 ):
