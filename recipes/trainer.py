@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from datasets import Dataset
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, LogitsProcessorList, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
@@ -88,6 +89,7 @@ from rewards.surrogate import in_batch_logits, item_surrogate_loss, mixed_log_fr
 logger = logging.getLogger(__name__)
 
 RESTARTS_FILE = "warmup_restarts.json"  # in a checkpoint: the warm-up restarts so far, for a resumed run
+RESTART_WINDOW = 10  # warm-up steps whose in-batch score spreads the restart check averages
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
 # TRL's metrics of completions that end in EOS: none does in RecPO (each is closed by the answer marker).
 TRL_EOS_METRICS = (
@@ -183,11 +185,9 @@ class RecPOTrainer(GRPOTrainer):
         self._marker_hidden: torch.Tensor | None = None
         self._reasons_logged: set[str] = set()
         self._bypassed_ddp = False  # this micro-batch's loss came from forwards DDP did not see
-        # warmup_restarts: restarts so far, the global step of the current start, its in-batch score spreads
+        # warmup_restarts: restarts so far, and the last warm-up steps' in-batch score spreads
         self.warmup_restarts_done = 0
-        self.warmup_started_at = 0
-        self._configured_warmup = args.item_warmup_steps
-        self._batch_spreads: list[float] = []
+        self._batch_spreads: deque[float] = deque(maxlen=RESTART_WINDOW)
         self._restart_checked_at: int | None = None
 
     # ------------------------------------------------------------------ item index
@@ -242,6 +242,12 @@ class RecPOTrainer(GRPOTrainer):
         return prefill(model, prompts, self.processing_class.pad_token_id).last_hidden
 
     # ------------------------------------------------------------------ warm-up restarts
+    @property
+    def warmup_started_at(self) -> int:
+        """Global step of the current warm-up start: every restart happens warmup_restart_check_steps after the
+        previous start, and adds as many steps to the warm-up."""
+        return self.warmup_restarts_done * self.args.warmup_restart_check_steps
+
     def restart_warmup_if_collapsed(self) -> bool:
         """`warmup_restarts`: at the check step of the current warm-up start, start over if the batches' score
         spread says the item vectors collapsed (see the field's help). A collective at that step: every process
@@ -256,7 +262,7 @@ class RecPOTrainer(GRPOTrainer):
         ):
             return False
         self._restart_checked_at = step
-        recent = self._batch_spreads[-10:]
+        recent = list(self._batch_spreads)[-RESTART_WINDOW:]
         local = torch.tensor(
             [sum(recent) / len(recent) if recent else float("nan")], device=self.accelerator.device
         )
@@ -264,22 +270,22 @@ class RecPOTrainer(GRPOTrainer):
         self._metrics["train"]["warmup/check_spread"].append(spread)
         if not spread < COLLAPSED_SPREAD:
             return False
-        spent = step - self.warmup_started_at
+        spent = args.warmup_restart_check_steps
         self.warmup_restarts_done += 1
         layers = redraw_lora(self.model, args.seed + self.warmup_restarts_done)
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         optimizer.state.clear()  # Adam's moments and step count: the new factors start from a fresh optimiser
         self._extend_warmup(spent)
-        self.warmup_started_at = step
         self._batch_spreads.clear()
         if self.accelerator.is_main_process:
             logger.warning(
                 "The item vectors collapsed in the first %d warm-up steps (in-batch score spread %.3f < %.1f over "
-                "the last 10 steps): %d LoRA layers drawn afresh, Adam's state cleared, the warm-up continues on the "
+                "the last %d steps): %d LoRA layers drawn afresh, Adam's state cleared, the warm-up continues on the "
                 "next batches (restart %d of at most %d); item_warmup_steps is now %d and max_steps %d.",
                 spent,
                 spread,
                 COLLAPSED_SPREAD,
+                RESTART_WINDOW,
                 layers,
                 self.warmup_restarts_done,
                 args.warmup_restarts,
@@ -302,28 +308,24 @@ class RecPOTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.warmup_restarts_done and self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if folder.is_dir():
                 record = {
                     "restarts": self.warmup_restarts_done,
                     "started_at": self.warmup_started_at,
-                    "extra_steps": self.args.item_warmup_steps - self._configured_warmup,
+                    "extra_steps": self.warmup_started_at,  # each restart added the steps it spent
                 }
                 (folder / RESTARTS_FILE).write_text(json.dumps(record) + "\n")
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """A resumed run takes back its warm-up restarts (and the steps they added) from the checkpoint."""
-        self._configured_warmup = self.args.item_warmup_steps
         folder = resume_from_checkpoint
         if folder is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
             folder = get_last_checkpoint(self.args.output_dir)
         record_file = Path(folder) / RESTARTS_FILE if isinstance(folder, (str, os.PathLike)) else None
         if record_file is not None and record_file.is_file():
             record = json.loads(record_file.read_text())
             self.warmup_restarts_done = int(record["restarts"])
-            self.warmup_started_at = int(record["started_at"])
             self.args.item_warmup_steps += int(record["extra_steps"])
             self.args.max_steps += int(record["extra_steps"])
         return super().train(
