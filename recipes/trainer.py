@@ -262,7 +262,7 @@ class RecPOTrainer(GRPOTrainer):
         ):
             return False
         self._restart_checked_at = step
-        recent = list(self._batch_spreads)[-RESTART_WINDOW:]
+        recent = self._batch_spreads  # the last RESTART_WINDOW steps' spreads (the deque's maxlen)
         local = torch.tensor(
             [sum(recent) / len(recent) if recent else float("nan")], device=self.accelerator.device
         )

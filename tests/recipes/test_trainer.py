@@ -462,7 +462,7 @@ def test_a_warm_up_restart_clears_adams_state_and_lengthens_the_run_by_the_steps
     param = next(p for p in trainer.model.parameters() if p.requires_grad)
     trainer.optimizer.state[param] = {"step": torch.tensor(4.0), "exp_avg": torch.ones_like(param)}
     trainer.model.train()
-    trainer._batch_spreads = [0.5] * 5 + [0.01] * 10  # only the last 10 steps count
+    trainer._batch_spreads.extend([0.5] * 5 + [0.01] * 10)  # only the last 10 steps count
     trainer.state.global_step = 3
     assert not trainer.restart_warmup_if_collapsed()  # not the check step yet
     trainer.state.global_step = 4
@@ -473,7 +473,7 @@ def test_a_warm_up_restart_clears_adams_state_and_lengthens_the_run_by_the_steps
     assert trainer._metrics["train"]["warmup/check_spread"] == [pytest.approx(0.01)]
     assert not trainer.restart_warmup_if_collapsed()  # the same step's other micro-batches: checked once
     trainer.state.global_step = 8
-    trainer._batch_spreads = [0.01] * 10
+    trainer._batch_spreads.extend([0.01] * 10)
     assert not trainer.restart_warmup_if_collapsed()  # the one restart allowed is spent
 
 
