@@ -326,9 +326,9 @@ LORA_FACTOR_PAIRS = {"lora_B": "lora_A", "lora_embedding_B": "lora_embedding_A"}
 
 
 def inert_lora_factors(model: nn.Module) -> set[str]:
-    """Names of the LoRA A factors whose B factor is all zeros. The update is B A, zero whatever A holds, so these
-    values cannot change what the model computes: peft starts every adapter so (B at zero, A random from the
-    seed), and an untrained model of any seed is the base model."""
+    """Names of the LoRA factor pairs (A and B) whose B factor is all zeros. The update is B A, zero whatever A
+    holds, so such an adapter computes nothing: peft starts every adapter so (B at zero, A random from the seed),
+    and an untrained model of any seed, rank or choice of adapted layers is the base model."""
     params = dict(model.named_parameters())
     inert = set()
     with torch.no_grad():
@@ -340,8 +340,14 @@ def inert_lora_factors(model: nn.Module) -> set[str]:
                     continue
                 a_name = ".".join([*parts[:i], partner, *parts[i + 1 :]])
                 if a_name in params and not bool(tensor.detach().any()):
-                    inert.add(a_name)
+                    inert.update((a_name, name))
     return inert
+
+
+def _computed_name(name: str) -> str:
+    """A parameter's name as the computation sees it: peft's wrapper adds `.base_layer` only where it adapts a
+    layer, so without it an adapted layer whose adapter is inert and an unadapted one read the same."""
+    return name.replace(".base_layer.", ".")
 
 
 def redraw_lora(model: nn.Module, seed: int) -> int:
@@ -358,24 +364,25 @@ def redraw_lora(model: nn.Module, seed: int) -> int:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of what the weights compute: name, shape, dtype and every byte of each parameter and buffer, except
-    the bytes of LoRA A factors whose B is zero (`inert_lora_factors`: no value of theirs changes the output).
+    """A hash of what the weights compute: name, shape, dtype and every byte of each parameter and buffer, leaving
+    out the LoRA adapters whose B is zero (`inert_lora_factors`: they change no output), and `.base_layer` from
+    the names of the layers they wrap.
 
     Every byte: a sample of each tensor misses a change outside it (one token's embedding row, a LoRA update of a
     few elements), and the evaluation cache would report another model's figures. It costs about 0.5 s for
     SmolLM2-135M in float32 on one CPU core (sha256 at ~1 GB/s), against the minutes of the evaluation it keys.
     Buffers too: the rotary frequencies come from the config (rope_theta, rope_scaling), not from the weights.
-    Without the inert factors, the untrained model of every `--seed` has one fingerprint, so a run on a new seed
-    finds the untrained evaluation and item index another seed cached.
+    Without the inert adapters, the untrained model of every `--seed` (and of every LoRA rank or
+    `--lora_top_layers`) has the base model's fingerprint, so such a run finds the untrained evaluation and item
+    index another one cached.
     """
     inert = inert_lora_factors(model)
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             if name in inert:
-                digest.update(b"inert")
                 continue
+            digest.update(f"{_computed_name(name)}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
     return digest.hexdigest()
 

@@ -195,6 +195,8 @@ def build_trainer(
     *,
     lora: bool = True,
     random_lora_b: bool = False,
+    lora_rank: int = 4,
+    lora_layers: list[int] | None = None,
     max_eval_users: int | None = 4,
     users_seed: int | None = None,
     **config,
@@ -210,8 +212,9 @@ def build_trainer(
     peft_config = None
     if lora:
         peft_config = LoraConfig(
-            r=4,
-            lora_alpha=8,
+            r=lora_rank,
+            lora_alpha=2 * lora_rank,
+            layers_to_transform=lora_layers,  # None: every layer
             lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             task_type="CAUSAL_LM",

@@ -108,6 +108,28 @@ def test_another_lora_initialisation_with_b_at_zero_keeps_the_key(tokenizer, syn
     assert key_of(other, synthetic_data) != key
 
 
+@pytest.mark.parametrize(
+    "adapter",
+    [{"lora_layers": [1]}, {"lora_rank": 8}],  # the last layer only (`--lora_top_layers 1`); another rank
+)
+def test_another_untrained_adapter_layout_keeps_the_key(tokenizer, synthetic_data, tmp_path, base, adapter):
+    # An adapter with B at zero is the base model wherever it sits and whatever its rank, so the run finds the
+    # untrained evaluation another layout cached; once B moves, the key does.
+    trainer, key = base
+    other = build_trainer(tokenizer, synthetic_data, tmp_path / "other-layout", **adapter)
+
+    def layout(t) -> set:
+        return {(n, tuple(p.shape)) for n, p in t.model.named_parameters()}
+
+    assert layout(other) != layout(trainer)  # really another layout
+    ids = torch.tensor([tokenizer.encode("a user who likes jazz <answer>")])
+    with torch.no_grad():
+        assert torch.equal(trainer.model(ids).logits, other.model(ids).logits)
+    assert key_of(other, synthetic_data) == key
+    nudged(other, "mlp.up_proj.lora_B", 1)
+    assert key_of(other, synthetic_data) != key
+
+
 def test_another_random_model_changes_the_key(tokenizer, synthetic_data, tmp_path, base):
     _, key = base
     other = build_trainer(
