@@ -80,6 +80,17 @@ def test_one_weight_element_moved_by_one_float_step_changes_the_key(
     assert key_of(trainer, synthetic_data) != key, f"{name}[{position}] changed, the key did not"
 
 
+def assert_base_key_until_b_moves(tokenizer, data_dir, trainer, other, key) -> None:
+    """`other`, whose adapter has B at zero, computes what `trainer` does and has its key; once one element of a B
+    factor moves, A matters and the key moves too."""
+    ids = torch.tensor([tokenizer.encode("a user who likes jazz <answer>")])
+    with torch.no_grad():
+        assert torch.equal(trainer.model(ids).logits, other.model(ids).logits)  # the same function
+    assert key_of(other, data_dir) == key
+    nudged(other, "mlp.up_proj.lora_B", 1)
+    assert key_of(other, data_dir) != key
+
+
 def test_lora_a_counts_once_its_b_is_not_zero(tokenizer, synthetic_data, tmp_path):
     trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "trained", random_lora_b=True)
     key = key_of(trainer, synthetic_data)
@@ -98,14 +109,9 @@ def test_another_lora_initialisation_with_b_at_zero_keeps_the_key(tokenizer, syn
         next(p for n, p in t.model.named_parameters() if "lora_A" in n) for t in (trainer, other)
     )
     assert not torch.equal(a_base, a_other)  # really another initialisation
-    ids = torch.tensor([tokenizer.encode("a user who likes jazz <answer>")])
-    with torch.no_grad():
-        assert torch.equal(trainer.model(ids).logits, other.model(ids).logits)  # and the same function
     assert key_of(other, synthetic_data) == key
-    nudged(other, "lora_A", 0)
-    assert key_of(other, synthetic_data) == key
-    nudged(other, "mlp.up_proj.lora_B", 1)  # now that B is not zero, A matters: the key moves
-    assert key_of(other, synthetic_data) != key
+    nudged(other, "lora_A", 0)  # A with B still zero computes the same, too
+    assert_base_key_until_b_moves(tokenizer, synthetic_data, trainer, other, key)
 
 
 @pytest.mark.parametrize(
@@ -122,12 +128,7 @@ def test_another_untrained_adapter_layout_keeps_the_key(tokenizer, synthetic_dat
         return {(n, tuple(p.shape)) for n, p in t.model.named_parameters()}
 
     assert layout(other) != layout(trainer)  # really another layout
-    ids = torch.tensor([tokenizer.encode("a user who likes jazz <answer>")])
-    with torch.no_grad():
-        assert torch.equal(trainer.model(ids).logits, other.model(ids).logits)
-    assert key_of(other, synthetic_data) == key
-    nudged(other, "mlp.up_proj.lora_B", 1)
-    assert key_of(other, synthetic_data) != key
+    assert_base_key_until_b_moves(tokenizer, synthetic_data, trainer, other, key)
 
 
 def test_another_random_model_changes_the_key(tokenizer, synthetic_data, tmp_path, base):
