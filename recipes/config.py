@@ -65,6 +65,17 @@ class ScriptArguments:
             "passed; the final evaluation still runs. Lets a CPU run fit a wall-clock budget on any machine."
         },
     )
+    time_budget_recpo_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "With time_budget_minutes and an item warm-up (item_warmup_steps) followed by RecPO steps: the "
+            "share of the budget kept for the RecPO steps. Once the warm-up has spent the rest, it ends after that "
+            "step and the run's RecPO steps (max_steps - item_warmup_steps) follow, so that a slow machine still "
+            "trains with reasoning instead of spending the whole budget on the warm-up (run_config.json records "
+            "the shortened item_warmup_steps and max_steps). 0 (default): the warm-up runs all its steps whatever "
+            "the budget. The CPU recipe keeps 0.2 (its 12 RecPO steps and the index they rebuild take 2-6 min)."
+        },
+    )
     precision: str = field(
         default="auto",
         metadata={
@@ -100,6 +111,12 @@ class ScriptArguments:
             "rank or adapted layers share one entry."
         },
     )
+
+    def __post_init__(self):
+        if not 0.0 <= self.time_budget_recpo_share < 1.0:
+            raise ValueError(
+                f"time_budget_recpo_share must be at least 0 and below 1, got {self.time_budget_recpo_share}"
+            )
 
 
 @dataclass

@@ -316,6 +316,14 @@ def _trained_for(run: Run) -> str:
     budget = (run.config.get("script") or {}).get("time_budget_minutes")
     if budget:
         text += f" (time budget {budget:g} minutes)"
+    ended = [
+        e["warmup/ended_early_at"] for e in run.state.get("log_history", []) if "warmup/ended_early_at" in e
+    ]
+    if ended:
+        text += (
+            f". The item warm-up ended early, at step {int(ended[-1])}, to leave the RecPO steps their share of the "
+            "time budget (`time_budget_recpo_share`)"
+        )
     return text + "."
 
 

@@ -179,8 +179,12 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         every = max(1, round(per_epoch / training_args.evals_per_epoch))
         training_args.eval_steps = training_args.save_steps = every
     callbacks = []
+    budget = None
     if script_args.time_budget_minutes:
-        callbacks.append(TimeBudgetCallback(script_args.time_budget_minutes))
+        budget = TimeBudgetCallback(
+            script_args.time_budget_minutes, recpo_share=script_args.time_budget_recpo_share
+        )
+        callbacks.append(budget)
     if training_args.early_stopping_patience and training_args.eval_strategy != "no":
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
 
@@ -201,6 +205,8 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         users_seed=script_args.eval_users_seed,
         prior_split=data["train"],
     )
+    if budget is not None:
+        budget.end_warmup = trainer.end_item_warmup  # the trainer did not exist when the callback was made
 
     splits = {"valid": trainer.eval_rows}
     if script_args.evaluate_test:

@@ -187,6 +187,8 @@ class RecPOTrainer(GRPOTrainer):
         self._bypassed_ddp = False  # this micro-batch's loss came from forwards DDP did not see
         # warmup_restarts: restarts so far, and the last warm-up steps' in-batch score spreads
         self.warmup_restarts_done = 0
+        # steps added to the warm-up by the restarts (+) and by an early end for the time budget (-), for a resume
+        self.warmup_steps_added = 0
         self._batch_spreads: deque[float] = deque(maxlen=RESTART_WINDOW)
         self._restart_checked_at: int | None = None
 
@@ -294,8 +296,28 @@ class RecPOTrainer(GRPOTrainer):
             )
         return True
 
+    def end_item_warmup(self) -> None:
+        """End the item warm-up after the current step; the run keeps its RecPO steps (`time_budget_recpo_share`).
+        Every process calls it at the same step (TimeBudgetCallback decides together)."""
+        step, planned = self.state.global_step, self.args.item_warmup_steps
+        if step >= planned:
+            return
+        self._extend_warmup(step - planned)
+        self._metrics["train"]["warmup/ended_early_at"].append(float(step))
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "The item warm-up has spent its share of the time budget: it ends at step %d of %d, and the %d RecPO "
+                "steps follow (item_warmup_steps is now %d and max_steps %d).",
+                step,
+                planned,
+                self.args.max_steps - step,
+                self.args.item_warmup_steps,
+                self.state.max_steps,
+            )
+
     def _extend_warmup(self, steps: int) -> None:
-        """Lengthen the item warm-up and the run by `steps` (the progress bar too)."""
+        """Lengthen (or, with `steps` < 0, shorten) the item warm-up and the run by `steps` (the progress bar too)."""
+        self.warmup_steps_added += steps
         self.args.item_warmup_steps += steps
         self.args.max_steps += steps
         self.state.max_steps += steps
@@ -307,13 +329,13 @@ class RecPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.warmup_restarts_done and self.args.should_save:
+        if (self.warmup_restarts_done or self.warmup_steps_added) and self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if folder.is_dir():
                 record = {
                     "restarts": self.warmup_restarts_done,
                     "started_at": self.warmup_started_at,
-                    "extra_steps": self.warmup_started_at,  # each restart added the steps it spent
+                    "extra_steps": self.warmup_steps_added,  # restarts add the steps they spent; an early end cuts
                 }
                 (folder / RESTARTS_FILE).write_text(json.dumps(record) + "\n")
 
@@ -326,8 +348,9 @@ class RecPOTrainer(GRPOTrainer):
         if record_file is not None and record_file.is_file():
             record = json.loads(record_file.read_text())
             self.warmup_restarts_done = int(record["restarts"])
-            self.args.item_warmup_steps += int(record["extra_steps"])
-            self.args.max_steps += int(record["extra_steps"])
+            self.warmup_steps_added = int(record["extra_steps"])
+            self.args.item_warmup_steps += self.warmup_steps_added
+            self.args.max_steps += self.warmup_steps_added
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
@@ -973,10 +996,22 @@ class TimeBudgetCallback(TrainerCallback):
 
     Each process reads its own clock; if one stopped alone, it would start the final evaluation while the others
     wait for it in the next step's collectives. So the processes stop together once any one's budget is spent
-    (`on_any_process`, a collective at every step end; a stand-in in tests)."""
+    (`on_any_process`, a collective at every step end; a stand-in in tests).
 
-    def __init__(self, minutes: float, on_any_process: Callable[[bool], bool] | None = None) -> None:
+    With `recpo_share` > 0 and an `end_warmup` hook (the trainer's `end_item_warmup`), the item warm-up also ends
+    early, after the step at which it has spent `1 - recpo_share` of the budget, so that the RecPO steps after it
+    keep their share; the processes decide that together too."""
+
+    def __init__(
+        self,
+        minutes: float,
+        on_any_process: Callable[[bool], bool] | None = None,
+        recpo_share: float = 0.0,
+        end_warmup: Callable[[], None] | None = None,
+    ) -> None:
         self.seconds = minutes * 60.0
+        self.warmup_seconds = self.seconds * (1.0 - recpo_share) if recpo_share > 0 else None
+        self.end_warmup = end_warmup
         self.started: float | None = None
         self.on_any_process = on_any_process or true_on_any_process
 
@@ -984,7 +1019,12 @@ class TimeBudgetCallback(TrainerCallback):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        spent = self.started is not None and time.perf_counter() - self.started >= self.seconds
+        elapsed = None if self.started is None else time.perf_counter() - self.started
+        if self._warmup_may_end(args, state):
+            warmup_spent = elapsed is not None and elapsed >= self.warmup_seconds
+            if self.on_any_process(warmup_spent):
+                self.end_warmup()
+        spent = elapsed is not None and elapsed >= self.seconds
         if self.on_any_process(spent):
             logger.info(
                 "Time budget of %.1f min reached at step %d: stopping", self.seconds / 60, state.global_step
@@ -992,6 +1032,14 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def _warmup_may_end(self, args, state) -> bool:
+        """Whether the next step is an item warm-up step with RecPO steps after the warm-up (the same on every
+        process: the step and the arguments are)."""
+        if self.warmup_seconds is None or self.end_warmup is None:
+            return False
+        warmup = getattr(args, "item_warmup_steps", 0)
+        return state.global_step < warmup < args.max_steps
 
 
 def true_on_any_process(flag: bool) -> bool:

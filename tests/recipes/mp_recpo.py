@@ -63,6 +63,10 @@ BUDGET_MODE = "time_budget"
 # same new LoRA factors, and run the spent step again (4 steps).
 RESTART_MODE = "warmup_restart"
 RESTART = {"item_warmup_steps": 3, "warmup_restarts": 1, "warmup_restart_check_steps": 1}
+# A 3-step warm-up before 1 RecPO step, under a budget that keeps a share for RecPO: rank 1's warm-up share is
+# spent at its first step, rank 0's never; both must end the warm-up there and run the RecPO step (2 steps).
+WARMUP_BUDGET_MODE = "warmup_budget"
+WARMUP_BUDGET = {"item_warmup_steps": 3, "max_steps": 4, "reasoning": True}
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -86,6 +90,8 @@ def run_mode(
     overrides = {**COMMON, **MODES.get(mode, {"reasoning": False}), **extra}
     if mode == RESTART_MODE:
         overrides.update(RESTART)
+    if mode == WARMUP_BUDGET_MODE:
+        overrides.update(WARMUP_BUDGET)
     overrides["per_device_train_batch_size"] = users_per_device * overrides["num_generations"]
     set_seed(42)  # as recipes/recpo.py does first: the LoRA initialisation draws from it
     tokenizer = load_tokenizer(str(model_dir))
@@ -96,6 +102,10 @@ def run_mode(
     trainer.add_callback(snapshots)
     if mode == BUDGET_MODE:
         trainer.add_callback(TimeBudgetCallback(0.0 if trainer.accelerator.process_index == 1 else 1e6))
+    if mode == WARMUP_BUDGET_MODE:
+        # rank 1 keeps all but 6e-5 s of a huge budget for RecPO, rank 0 half of it
+        share = 1 - 1e-12 if trainer.accelerator.process_index == 1 else 0.5
+        trainer.add_callback(TimeBudgetCallback(1e6, recpo_share=share, end_warmup=trainer.end_item_warmup))
     threshold = trainer_module.COLLAPSED_SPREAD
     if mode == RESTART_MODE:
         trainer_module.COLLAPSED_SPREAD = 1e9
@@ -104,7 +114,7 @@ def run_mode(
     finally:
         trainer_module.COLLAPSED_SPREAD = threshold
     evaluation = None
-    if mode != BUDGET_MODE:
+    if mode not in (BUDGET_MODE, WARMUP_BUDGET_MODE):
         rows = {split: trainer.eval_rows[:count] for split, count in EVAL_USERS.items()}
         evaluation = trainer.ranking_evaluation(rows)
     result = {
@@ -115,6 +125,7 @@ def run_mode(
         "by_step": snapshots.by_step,
         "history": [e for e in trainer.state.log_history if "loss" in e],
         "global_step": trainer.state.global_step,
+        "item_warmup_steps": trainer.args.item_warmup_steps,
         "evaluation": evaluation,
     }
     trainer.accelerator.wait_for_everyone()
@@ -130,4 +141,5 @@ def main(out: Path, model_dir: Path, data_dir: Path, modes: list[str]) -> None:
 
 if __name__ == "__main__":
     out, model_dir, data_dir, *modes = sys.argv[1:]
-    main(Path(out), Path(model_dir), Path(data_dir), modes or [*MODES, BUDGET_MODE, RESTART_MODE])
+    every = [*MODES, BUDGET_MODE, RESTART_MODE, WARMUP_BUDGET_MODE]
+    main(Path(out), Path(model_dir), Path(data_dir), modes or every)

@@ -26,7 +26,7 @@ from tests.recipes.test_multiprocess import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
-ALL_MODES = [*mp_recpo.MODES, mp_recpo.BUDGET_MODE, mp_recpo.RESTART_MODE]
+ALL_MODES = [*mp_recpo.MODES, mp_recpo.BUDGET_MODE, mp_recpo.RESTART_MODE, mp_recpo.WARMUP_BUDGET_MODE]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,16 @@ def test_a_collapsed_warm_up_restarts_on_both_ranks_together_with_the_same_new_f
 def test_a_time_budget_spent_on_one_rank_stops_every_rank_at_that_step(launched):
     rank0, rank1 = per_rank(launched, mp_recpo.BUDGET_MODE)
     assert rank0["global_step"] == rank1["global_step"] == 1
+
+
+def test_a_warmup_budget_spent_on_one_rank_ends_the_warmup_on_every_rank_at_that_step(launched):
+    rank0, rank1 = per_rank(launched, mp_recpo.WARMUP_BUDGET_MODE)
+    for rank in (rank0, rank1):
+        # 1 warm-up step, then the RecPO step
+        assert (rank["item_warmup_steps"], rank["global_step"]) == (1, 2)
+        assert [entry["step"] for entry in rank["history"] if "timing/generation_s" in entry] == [2]
+    for step in (1, 2):
+        assert_dicts_close_at_scale(rank1["by_step"][step], rank0["by_step"][step])
 
 
 @pytest.mark.parametrize("mode", ["no_reasoning", "reasoning"])

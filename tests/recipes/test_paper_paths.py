@@ -283,6 +283,44 @@ def test_time_budget_stops_a_long_run_saves_and_still_evaluates(
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_time_budget_ends_the_warmup_early_and_keeps_the_recpo_steps(
+    tiny_model_dir, synthetic_data, tmp_path, monkeypatch, built_trainers
+):
+    # The same one-second-a-read clock: a warm-up step reads it once (the callback), so 30 s of budget with half
+    # kept for RecPO ends the 24-step warm-up near step 15, and the two RecPO steps still run.
+    ticks = iter(range(10**6))
+    clock = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    clock["perf_counter"] = lambda: float(next(ticks))
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(**clock))
+    out = tmp_path / "run"
+    state = run_main(
+        tiny_model_dir,
+        synthetic_data,
+        out,
+        item_warmup_steps=24,
+        max_steps=26,
+        time_budget_minutes=0.5,
+        time_budget_recpo_share=0.5,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+    )
+    (ended,) = [
+        entry["warmup/ended_early_at"] for entry in state["log_history"] if "warmup/ended_early_at" in entry
+    ]
+    assert 10 <= ended < 24
+    assert state["global_step"] == ended + 2  # the warm-up's early end kept both RecPO steps
+    recpo_steps = [entry for entry in state["log_history"] if "timing/generation_s" in entry]
+    assert [entry["step"] for entry in recpo_steps] == [ended + 1, ended + 2]  # steps with reasoning
+    changed = json.loads((out / "run_config.json").read_text())["training"]["changed"]
+    assert (changed["item_warmup_steps"]["value"], changed["max_steps"]["value"]) == (ended, ended + 2)
+    # A resumed run takes the shortened warm-up back from the checkpoint.
+    (checkpoint,) = out.glob("checkpoint-*")
+    record = json.loads((checkpoint / trainer_module.RESTARTS_FILE).read_text())
+    assert record["restarts"] == 0 and record["extra_steps"] == ended - 24
+    assert f"The item warm-up ended early, at step {int(ended)}," in (out / "README.md").read_text()
+
+
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 

@@ -49,3 +49,84 @@ def test_the_budget_counts_from_the_start_of_training(clock):
     callback.on_train_begin(None, TrainerState(), TrainerControl())  # at 200 s
     assert not step_end_at(callback, clock, 229.0).should_training_stop
     assert step_end_at(callback, clock, 230.0).should_training_stop
+
+
+# ----------------------------------------------------------------------------- the warm-up's share of the budget
+
+
+class WarmupEnds:
+    """Stand-in for RecPOTrainer.end_item_warmup: records the steps at which it was asked to end the warm-up."""
+
+    def __init__(self, state: TrainerState) -> None:
+        self.state, self.calls = state, []
+
+    def __call__(self) -> None:
+        self.calls.append(self.state.global_step)
+
+
+def run_steps(callback, clock, args, state, seconds_per_step: float, steps: int) -> list[TrainerControl]:
+    controls = []
+    for _ in range(steps):
+        state.global_step += 1
+        clock[0] += seconds_per_step
+        control = TrainerControl()
+        callback.on_step_end(args, state, control)
+        controls.append(control)
+    return controls
+
+
+def test_warmup_ends_once_it_has_spent_all_but_the_recpo_share(clock):
+    # 100 s of budget, 20% kept for RecPO: the warm-up ends after the step that reaches 80 s, and only once.
+    args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
+    state = TrainerState()
+    ends = WarmupEnds(state)
+    callback = TimeBudgetCallback(minutes=100 / 60, recpo_share=0.2, end_warmup=ends)
+    callback.on_train_begin(args, state, TrainerControl())
+    controls = run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=7)
+    assert ends.calls == [] and not any(c.should_training_stop for c in controls)  # 70 s
+    run_steps(
+        callback, clock, args, state, seconds_per_step=10.0, steps=1
+    )  # 80 s: the warm-up's share is spent
+    assert ends.calls == [8]
+    args.item_warmup_steps, args.max_steps = 8, 20  # what end_item_warmup does
+    controls = run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=2)  # RecPO steps, 100 s
+    assert ends.calls == [8]
+    assert [c.should_training_stop for c in controls] == [False, True]  # the whole budget still stops the run
+
+
+def test_no_share_or_no_recpo_steps_leaves_the_warmup_alone(clock):
+    for share, warmup, max_steps in [(0.0, 300, 312), (0.2, 300, 300), (0.2, 0, 312)]:
+        args = types.SimpleNamespace(item_warmup_steps=warmup, max_steps=max_steps)
+        state = TrainerState()
+        ends = WarmupEnds(state)
+        callback = TimeBudgetCallback(minutes=1.0, recpo_share=share, end_warmup=ends)
+        callback.on_train_begin(args, state, TrainerControl())
+        controls = run_steps(callback, clock, args, state, seconds_per_step=15.0, steps=4)
+        assert ends.calls == [], (share, warmup, max_steps)  # a warm-up-only run keeps its whole budget
+        assert [c.should_training_stop for c in controls] == [False, False, False, True]
+
+
+def test_processes_decide_the_warmup_end_together(clock):
+    # A stand-in collective that says "some other process has spent it" at once: this process ends its warm-up too.
+    asked = []
+
+    def any_process(flag: bool) -> bool:
+        asked.append(flag)
+        return len(asked) == 1  # the first question of the first step is the warm-up's
+
+    args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
+    state = TrainerState()
+    ends = WarmupEnds(state)
+    callback = TimeBudgetCallback(minutes=100.0, on_any_process=any_process, recpo_share=0.2, end_warmup=ends)
+    callback.on_train_begin(args, state, TrainerControl())
+    run_steps(callback, clock, args, state, seconds_per_step=1.0, steps=1)
+    assert asked == [False, False]  # this process had spent neither its warm-up share nor the budget
+    assert ends.calls == [1]
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_a_recpo_share_outside_0_to_1_is_refused(share):
+    from recipes.config import ScriptArguments
+
+    with pytest.raises(ValueError, match="time_budget_recpo_share"):
+        ScriptArguments(time_budget_recpo_share=share)
