@@ -1038,8 +1038,7 @@ class TimeBudgetCallback(TrainerCallback):
         process: the step and the arguments are)."""
         if self.warmup_seconds is None or self.end_warmup is None:
             return False
-        warmup = getattr(args, "item_warmup_steps", 0)
-        return state.global_step < warmup < args.max_steps
+        return state.global_step < args.item_warmup_steps < args.max_steps
 
 
 def true_on_any_process(flag: bool) -> bool:

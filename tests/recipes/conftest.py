@@ -8,6 +8,7 @@ a run); the tiny model only borrows its tokenizer, so every trainer test runs in
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ def recpo_environment() -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
     return cache
+
+
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The seconds `time.perf_counter` returns inside recipes.trainer: set `clock[0]` to move time."""
+    from recipes import trainer as trainer_module
+
+    now = [1000.0]
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
 
 
 @pytest.fixture(scope="session")

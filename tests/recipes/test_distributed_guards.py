@@ -16,7 +16,6 @@ import torch
 from transformers import TrainerControl, TrainerState
 from trl import GRPOConfig
 
-from recipes import trainer as trainer_module
 from recipes.config import RecPOConfig, launched_processes
 from recipes.trainer import TRL_EOS_METRICS, TimeBudgetCallback, average_gradients, true_on_any_process
 from tests.recipes.conftest import build_trainer
@@ -223,14 +222,6 @@ def test_a_no_reasoning_micro_batch_without_a_marked_row_gives_the_same_loss(
 
 
 # ----------------------------------------------------------------------------- time budget
-
-
-@pytest.fixture
-def clock(monkeypatch) -> list[float]:
-    """The seconds `time.perf_counter` returns inside recipes.trainer: set `clock[0]` to move time."""
-    now = [1000.0]
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    return now
 
 
 @pytest.mark.parametrize("flag", [True, False])

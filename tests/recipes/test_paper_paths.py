@@ -259,15 +259,20 @@ def test_no_early_stopping_without_evaluations(tiny_model_dir, synthetic_data, t
 # ----------------------------------------------------------------------------- time budget
 
 
-def test_time_budget_stops_a_long_run_saves_and_still_evaluates(
-    tiny_model_dir, synthetic_data, tmp_path, monkeypatch, built_trainers
-):
-    # A clock that moves one second each time recipes.trainer reads it (at least once a step, in the callback):
-    # a 3-second budget is spent within three steps, whatever the machine's speed.
+@pytest.fixture
+def ticking_clock(monkeypatch) -> None:
+    """A clock that moves one second each time recipes.trainer reads it (at least once a step, in the budget's
+    callback), so that a budget of seconds is spent within a known number of steps on any machine."""
     ticks = iter(range(10**6))
     clock = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
     clock["perf_counter"] = lambda: float(next(ticks))
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(**clock))
+
+
+def test_time_budget_stops_a_long_run_saves_and_still_evaluates(
+    tiny_model_dir, synthetic_data, tmp_path, ticking_clock, built_trainers
+):
+    # A 3-second budget is spent within three steps, whatever the machine's speed.
     out = tmp_path / "run"
     state = run_main(
         tiny_model_dir, synthetic_data, out, max_steps=50, time_budget_minutes=0.05, save_strategy="no"
@@ -284,14 +289,10 @@ def test_time_budget_stops_a_long_run_saves_and_still_evaluates(
 
 
 def test_time_budget_ends_the_warmup_early_and_keeps_the_recpo_steps(
-    tiny_model_dir, synthetic_data, tmp_path, monkeypatch, built_trainers
+    tiny_model_dir, synthetic_data, tmp_path, ticking_clock, built_trainers
 ):
-    # The same one-second-a-read clock: a warm-up step reads it once (the callback), so 30 s of budget with half
-    # kept for RecPO ends the 24-step warm-up near step 15, and the two RecPO steps still run.
-    ticks = iter(range(10**6))
-    clock = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-    clock["perf_counter"] = lambda: float(next(ticks))
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(**clock))
+    # A warm-up step reads the clock once (the callback), so 30 s of budget with half kept for RecPO ends the
+    # 24-step warm-up near step 15, and the two RecPO steps still run.
     out = tmp_path / "run"
     state = run_main(
         tiny_model_dir,

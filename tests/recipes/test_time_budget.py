@@ -7,16 +7,7 @@ import types
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from recipes import trainer as trainer_module
 from recipes.trainer import TimeBudgetCallback
-
-
-@pytest.fixture
-def clock(monkeypatch) -> list[float]:
-    """The seconds `time.perf_counter` returns inside recipes.trainer: set `clock[0]` to move time."""
-    now = [1000.0]
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    return now
 
 
 def step_end_at(callback: TimeBudgetCallback, clock: list[float], seconds: float) -> TrainerControl:
@@ -84,9 +75,8 @@ def test_warmup_ends_once_it_has_spent_all_but_the_recpo_share(clock):
     callback.on_train_begin(args, state, TrainerControl())
     controls = run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=7)
     assert ends.calls == [] and not any(c.should_training_stop for c in controls)  # 70 s
-    run_steps(
-        callback, clock, args, state, seconds_per_step=10.0, steps=1
-    )  # 80 s: the warm-up's share is spent
+    # 80 s: the warm-up's share is spent
+    run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=1)
     assert ends.calls == [8]
     args.item_warmup_steps, args.max_steps = 8, 20  # what end_item_warmup does
     controls = run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=2)  # RecPO steps, 100 s
