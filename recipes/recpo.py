@@ -32,6 +32,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from recipes import eval_cache, modeling
 from recipes.config import RecPOConfig, ScriptArguments, recipe_settings
+from recipes.memory import release_freed_memory
 from recipes.model_card import write_card
 from recipes.onednn import bound_primitive_cache
 from recipes.precision import Precision, resolve_precision
@@ -173,6 +174,8 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
         "Base weights in %s (precision %s: %s)", precision.dtype, precision.requested, precision.reason
     )
     model, tokenizer = load_model_and_tokenizer(model_args, training_args, precision)
+    if training_args.release_freed_memory:
+        release_freed_memory()  # loading peaks at twice the bf16 model (its float32 copy): give that back
 
     if training_args.evals_per_epoch:
         per_epoch = steps_per_epoch(len(train), training_args, training_args.world_size)

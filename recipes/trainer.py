@@ -61,6 +61,7 @@ from recipes.evaluation import (
 from recipes.intervals import per_user_record
 from recipes.loading import redraw_lora
 from recipes.logprobs import shared_prompt_logps
+from recipes.memory import release_freed_memory
 from recipes.precision import lora_in_base_dtype
 from recipes.run_folder import (
     ITEM_INDEX_FILE,
@@ -71,6 +72,7 @@ from recipes.run_folder import (
     write_catalog,
     write_json,
 )
+from recipes.saved_activations import keep_fewer_activations
 from recipes.vectors import (
     MarkerCloser,
     capture_final_hidden,
@@ -150,6 +152,10 @@ class RecPOTrainer(GRPOTrainer):
             self.log_completions = False  # no rollouts to show: TRL would print an empty table every log
         if lora_in_base_dtype(self.model):  # bf16 base weights: the float32 adapter computed in bf16
             logger.info("LoRA adapters computed in the base weights' dtype, their weights kept in float32")
+        if args.keep_fewer_activations and (switched := keep_fewer_activations(self.model)):
+            logger.info("%d norms and MLPs keep fewer activations for the backward pass", switched)
+        if args.release_freed_memory:
+            self.add_callback(ReleaseFreedMemoryCallback())
         tokenizer = self.processing_class
         self.closer = MarkerCloser(tokenizer, args.answer_marker)
         self.items = items
@@ -204,7 +210,12 @@ class RecPOTrainer(GRPOTrainer):
                 accelerator=self.accelerator,
             )
         self.index_step = self.state.global_step
+        self._release_freed_memory()
         return self.item_index
+
+    def _release_freed_memory(self) -> None:
+        if self.args.release_freed_memory:
+            release_freed_memory()
 
     def _ensure_index(self) -> torch.Tensor:
         step, built, warmup = self.state.global_step, self.index_step, self.args.item_warmup_steps
@@ -886,7 +897,7 @@ class RecPOTrainer(GRPOTrainer):
                 torch.empty(0, dtype=torch.long), torch.empty((0, 0), dtype=torch.long), torch.empty(0, 0)
             )
         with inference(self.model), self._adapters_merged("The evaluation runs"):
-            return evaluate_users(
+            result = evaluate_users(
                 self.model,
                 self.processing_class,
                 rows,
@@ -899,6 +910,8 @@ class RecPOTrainer(GRPOTrainer):
                 progress=f"eval {split}" if self.accelerator.is_main_process else None,
                 prior=self.prior_bias,
             )
+        self._release_freed_memory()
+        return result
 
     def _trace_records(self, rows: list[dict], result: RankingResult) -> list[dict]:
         return [
@@ -1039,6 +1052,13 @@ class TimeBudgetCallback(TrainerCallback):
         if self.warmup_seconds is None or self.end_warmup is None:
             return False
         return state.global_step < args.item_warmup_steps < args.max_steps
+
+
+class ReleaseFreedMemoryCallback(TrainerCallback):
+    """`release_freed_memory`: the heap's free pages back to the system after every optimizer step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        release_freed_memory()
 
 
 def true_on_any_process(flag: bool) -> bool:

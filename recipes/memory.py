@@ -1,0 +1,33 @@
+"""Handing freed heap memory back to the system (glibc), so that resident memory follows what a run holds.
+
+A CPU run frees and allocates activations of ever-changing sizes (prompts of different lengths, a key/value
+cache that grows a token at a time). glibc keeps freed blocks inside its heap for reuse, and when the next
+sizes do not fit them it grows the heap instead: the resident size ratchets up to the largest mix seen, about
+0.9 GB above what the CPU default holds between warm-up steps (measured: 1.94 GB resident after 12 steps, 1.09 GB
+after a `malloc_trim`). `malloc_trim(0)` returns the free pages; the next phase faults back in what it uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+
+
+@functools.cache
+def _malloc_trim():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Return the heap's free pages to the system; True where that happened (glibc), False elsewhere."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
