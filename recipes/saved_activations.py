@@ -3,8 +3,8 @@
 What autograd keeps for the backward pass of a bf16 training step is mostly the decoder's intermediate values,
 and two of them are kept twice over. transformers' RMSNorm casts its input to float32 and autograd keeps that
 float32 copy (twice the bytes of the bf16 input); the MLP's `act_fn(gate) * up` keeps the gate, its SiLU and the
-up projection. Measured on the CPU default (SmolLM2-135M in bf16 with LoRA on every projection, a warm-up step's
-4 users and 4 items): 775 MB of activations, of which the norms' float32 copies are 124 MB and the SiLU outputs
+up projection. Measured on the CPU default (SmolLM2-135M in bf16 with LoRA on every projection, a warm-up-sized
+batch of 4 user and 4 item prompts): 775 MB of activations, of which the norms' float32 copies are 124 MB and the SiLU outputs
 83 MB. The functions below compute the same forward with the same operations in the same order (bit for bit:
 tests/recipes/test_saved_activations.py) and keep the bf16 input and the per-token reciprocal RMS (norm), or the
 gate and up projections (SwiGLU), recomputing the rest in the backward pass.

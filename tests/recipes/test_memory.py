@@ -52,3 +52,28 @@ def test_says_false_where_the_c_library_is_not_glibc(monkeypatch):
         assert release_freed_memory() is False
     finally:
         memory._malloc_trim.cache_clear()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_trainer_releases_after_every_step_and_index_only_when_asked(
+    on, tokenizer, synthetic_data, tmp_path, monkeypatch
+):
+    from recipes import trainer as trainer_module
+    from tests.recipes.conftest import build_trainer
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "release_freed_memory", lambda: calls.append(1) or True)
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", release_freed_memory=on)
+    trainer.train()
+    trainer.refresh_item_index()
+    # two steps, the index the first RecPO step builds, and the one asked for here
+    assert len(calls) == (4 if on else 0)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_trainer_switches_the_norms_and_mlps_when_asked(on, tokenizer, synthetic_data, tmp_path):
+    from tests.recipes.conftest import build_trainer
+
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", keep_fewer_activations=on)
+    switched = [m for m in trainer.model.modules() if "forward" in vars(m) and type(m).__name__ == "LlamaMLP"]
+    assert bool(switched) == on
