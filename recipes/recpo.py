@@ -156,7 +156,7 @@ def evaluate_untrained(
 
 
 def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: ModelConfig) -> dict:
-    bound_primitive_cache()  # before the first matrix product: oneDNN's kernel cache otherwise grows all run
+    bound_primitive_cache()  # before the first matrix product: the kernel caches otherwise grow all run
     set_seed(training_args.seed)
     setup_logging(training_args)
     setup_wandb(training_args)
