@@ -64,8 +64,9 @@ def time_evaluation(args, dtype: str) -> tuple[float, float]:
     from recipes.evaluate import item_prompt_ids
     from recipes.evaluation import build_item_index, evaluate_users, sample_indices
     from recipes.loading import load_for_inference
+    from recipes.memory import peak_rss_mb
     from recipes.modeling import EMBEDDED_MODEL, unrepeated_gqa_attention_on_cpu
-    from recipes.trainer import adapters_merged, peak_rss_mb
+    from recipes.trainer import adapters_merged
     from recipes.vectors import MarkerCloser
 
     if args.threads > 0:

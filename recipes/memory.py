@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
+import sys
 
 
 @functools.cache
@@ -31,3 +33,27 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def can_release_freed_memory() -> bool:
+    """Whether `release_freed_memory` can hand pages back here (glibc's malloc_trim is there)."""
+    return _malloc_trim() is not None
+
+
+def resident_mb() -> float:
+    """The process's resident memory now, in MB (0 where the platform has no /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MB (0 where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KB on Linux

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -61,7 +60,7 @@ from recipes.evaluation import (
 from recipes.intervals import per_user_record
 from recipes.loading import redraw_lora
 from recipes.logprobs import shared_prompt_logps
-from recipes.memory import release_freed_memory
+from recipes.memory import peak_rss_mb, release_freed_memory
 from recipes.precision import lora_in_base_dtype
 from recipes.run_folder import (
     ITEM_INDEX_FILE,
@@ -1066,16 +1065,6 @@ def true_on_any_process(flag: bool) -> bool:
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return flag
     return any(gather_object([flag]))
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory in MB (0 where the platform does not report it)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KB on Linux
 
 
 def average_gradients(model: torch.nn.Module) -> None:

@@ -14,12 +14,7 @@ from recipes.memory import release_freed_memory
 # blocks come from the heap as a run's tensors do once glibc has raised its dynamic thresholds), all freed but
 # the last, which pins the heap's top: only malloc_trim can give the free middle back.
 SCRIPT = """
-import os
-from recipes.memory import release_freed_memory
-
-def resident_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from recipes.memory import release_freed_memory, resident_mb
 
 blocks = [bytearray(2**20) for _ in range(200)]
 pin = blocks[-1]
