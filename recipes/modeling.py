@@ -125,6 +125,41 @@ def unrepeated_gqa_attention_on_cpu() -> None:
     sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
 
 
+class _Float32AttentionRecomputedInBackward(torch.autograd.Function):
+    """A bf16 attention computed in float32 that keeps only its bf16 inputs for the backward pass.
+
+    Saving the float32 copies (query, key, value and output, as autograd would) holds 2.5x the memory of the
+    bf16 inputs on SmolLM2 (9 query heads, 3 key/value heads). The backward pass recomputes the float32 forward
+    from the saved inputs and differentiates that, so the gradients are those of the plain float32 call.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, attend):
+        ctx.attend = attend
+        ctx.save_for_backward(query, key, value, attention_mask)
+        return attend(query.float(), key.float(), value.float(), attention_mask).to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, attention_mask = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            inputs = [
+                t.detach().float().requires_grad_(w) for t, w in zip((query, key, value), wanted, strict=True)
+            ]
+            output = ctx.attend(*inputs, attention_mask)
+            needed = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(output, needed, grad_output.to(output.dtype)))
+        return (
+            *(
+                next(grads).to(t.dtype) if w else None
+                for t, w in zip((query, key, value), wanted, strict=True)
+            ),
+            None,
+            None,
+        )
+
+
 def float32_attention_with_gradient_on_cpu() -> None:
     """Run bf16 attention in float32 on CPU where gradient flows (the loss forward and its backward).
 
@@ -132,8 +167,9 @@ def float32_attention_with_gradient_on_cpu() -> None:
     Intel Xeon, forward and backward of SmolLM2's heads over 4 prompts of 150 tokens took 21.8 ms in bf16 against
     11.0 ms in float32 (item prompts, 27 tokens after a 33-token prefix: 4.1 against 1.2 ms); it was a fifth of a
     bf16 training step. Inputs are cast to float32 for the call and the output back (cheap next to the kernel),
-    which also keeps the softmax in float32. Forwards without gradient keep bf16, where its kernel is faster
-    (decoding: 0.63 against 1.0 ms). Not on CUDA.
+    which also keeps the softmax in float32. Only the bf16 inputs are kept for the backward pass, which
+    recomputes the float32 forward (`_Float32AttentionRecomputedInBackward`) unless the call has dropout.
+    Forwards without gradient keep bf16, where its kernel is faster (decoding: 0.63 against 1.0 ms). Not on CUDA.
     """
     if torch.cuda.is_available():
         return
@@ -146,12 +182,17 @@ def float32_attention_with_gradient_on_cpu() -> None:
     def sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
         if query.device.type != "cpu" or query.dtype != torch.bfloat16 or not torch.is_grad_enabled():
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.float()
-        output, weights = original(
-            module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs
-        )
-        return output.to(query.dtype), weights
+
+        def attend(query, key, value, attention_mask):
+            if attention_mask is not None and attention_mask.is_floating_point():
+                attention_mask = attention_mask.float()  # cast here, so that the layers share the saved mask
+            return original(module, query, key, value, attention_mask, *args, **kwargs)[0]
+
+        dropout = args[0] if args else kwargs.get("dropout", 0.0)
+        learned = any(isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values()))
+        if dropout or learned:  # a recomputed forward would draw another dropout mask, or lose that gradient
+            return attend(query.float(), key.float(), value.float(), attention_mask).to(query.dtype), None
+        return _Float32AttentionRecomputedInBackward.apply(query, key, value, attention_mask, attend), None
 
     sdpa_attention_forward.original = original  # transformers' own function, also the mark of this wrapper
     AttentionInterface.register("sdpa", sdpa_attention_forward)
