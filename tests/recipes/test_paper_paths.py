@@ -284,7 +284,12 @@ def test_time_budget_stops_a_long_run_saves_and_still_evaluates(
     assert checkpoints(out) == [steps]  # the callback asked for a save at the step it stopped
     results = json.loads((out / "results.json").read_text())
     assert set(results["valid"]) == {key.split("/")[1] for key in VALID} and "test" in results
-    assert any("final/valid/ndcg@10" in entry for entry in state["log_history"])
+    (final,) = [entry for entry in state["log_history"] if "final/valid/ndcg@10" in entry]
+    # The run's peak memory is logged again after the final evaluation, which the step logs cannot see.
+    earlier = [
+        e["memory/peak_rss_mb"] for e in state["log_history"] if e is not final and "memory/peak_rss_mb" in e
+    ]
+    assert final["memory/peak_rss_mb"] > 0 and all(final["memory/peak_rss_mb"] >= p for p in earlier)
     assert (out / "adapter_model.safetensors").is_file()
 
 
