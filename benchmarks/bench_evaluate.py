@@ -5,7 +5,7 @@
     python -m benchmarks evaluate -- --dtype float32     # one precision only
 
 Times what `make train` pays at each evaluation, with the CPU recipe's settings: the 1,682 MovieLens-100K
-items encoded in batches of 64 (`item_batch_size`), then 200 seeded valid users (`max_eval_users`), 25 at a
+items encoded in batches of 64 (`item_batch_size`), then 200 seeded valid users (`max_eval_users`), 16 at a
 time (`eval_batch_users`), each writing up to 16 reasoning tokens before the answer marker, all through the
 trainer's own functions (`build_item_index`, `evaluate_users`). The model carries a fresh LoRA adapter of
 the recipe's shape (r 16 on every projection), folded into the base weights for these forwards as the trainer
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks evaluate", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--users", type=int, default=200, help="valid users evaluated (default: 200)")
-    parser.add_argument("--batch-users", type=int, default=25, help="users reasoned at once (default: 25)")
+    parser.add_argument("--batch-users", type=int, default=16, help="users reasoned at once (default: 16)")
     parser.add_argument("--new-tokens", type=int, default=16, help="max reasoning tokens (default: 16)")
     parser.add_argument("--item-batch-size", type=int, default=64, help="items encoded at once (default: 64)")
     parser.add_argument("--no-adapter", action="store_true", help="time the bare model, without LoRA")
