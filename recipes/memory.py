@@ -57,3 +57,13 @@ def peak_rss_mb() -> float:
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KB on Linux
+
+
+def peak_memory_metrics() -> dict[str, float]:
+    """The run's peaks so far as logged metrics: resident memory, and the GPU's allocations where there is one."""
+    metrics = {"memory/peak_rss_mb": peak_rss_mb()}
+    import torch  # here, so that the resident-size readers above stay importable without torch
+
+    if torch.cuda.is_available():
+        metrics["memory/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return metrics

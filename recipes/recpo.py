@@ -32,7 +32,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from recipes import eval_cache, modeling
 from recipes.config import RecPOConfig, ScriptArguments, recipe_settings
-from recipes.memory import peak_rss_mb, release_freed_memory
+from recipes.memory import peak_memory_metrics, release_freed_memory
 from recipes.model_card import write_card
 from recipes.onednn import bound_primitive_cache
 from recipes.precision import Precision, resolve_precision
@@ -229,7 +229,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     after = trainer.ranking_evaluation(splits)
     per_user_after = dict(trainer.last_per_user)
     # The peak of the whole run, the final evaluation included (the training steps log theirs as they go).
-    trainer.log_metrics_only({**prefixed("final", after), "memory/peak_rss_mb": peak_rss_mb()})
+    trainer.log_metrics_only({**prefixed("final", after), **peak_memory_metrics()})
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json beside results.json: the report draws its curves from it
     trainer.save_item_index(training_args.output_dir)

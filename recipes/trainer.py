@@ -60,7 +60,7 @@ from recipes.evaluation import (
 from recipes.intervals import per_user_record
 from recipes.loading import redraw_lora
 from recipes.logprobs import shared_prompt_logps
-from recipes.memory import peak_rss_mb, release_freed_memory
+from recipes.memory import peak_memory_metrics, release_freed_memory
 from recipes.precision import lora_in_base_dtype
 from recipes.run_folder import (
     ITEM_INDEX_FILE,
@@ -383,9 +383,8 @@ class RecPOTrainer(GRPOTrainer):
             # here, at the window's last micro-batch as DDP would (earlier ones accumulated locally, as under no_sync).
             average_gradients(model)
         # Peak memory so far, logged with every step: what a run needs of the machine.
-        self._metrics["train"]["memory/peak_rss_mb"].append(peak_rss_mb())
-        if torch.cuda.is_available():
-            self._metrics["train"]["memory/peak_gpu_mb"].append(torch.cuda.max_memory_allocated() / 2**20)
+        for key, value in peak_memory_metrics().items():
+            self._metrics["train"][key].append(value)
         return loss
 
     # ------------------------------------------------------------------ rollouts
