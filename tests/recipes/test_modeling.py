@@ -97,6 +97,7 @@ def _counting_saved_bytes(attention, counter: list[int]):
 @pytest.fixture
 def bf16_model(tokenizer, monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", _transformers_own())  # restored after
     unrepeated_gqa_attention_on_cpu()  # as recpo.py installs it
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", _transformers_sdpa())  # restored after
     return build_tiny_model(tokenizer).to(torch.bfloat16).train()
