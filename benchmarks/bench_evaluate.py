@@ -65,13 +65,13 @@ def time_evaluation(args, dtype: str) -> tuple[float, float]:
     from recipes.evaluation import build_item_index, evaluate_users, sample_indices
     from recipes.loading import load_for_inference
     from recipes.memory import peak_rss_mb
-    from recipes.modeling import EMBEDDED_MODEL, unrepeated_gqa_attention_on_cpu
+    from recipes.modeling import EMBEDDED_MODEL, cpu_attention_settings
     from recipes.trainer import adapters_merged
     from recipes.vectors import MarkerCloser
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    unrepeated_gqa_attention_on_cpu()  # as the trainer and recipes.evaluate run
+    cpu_attention_settings()  # as the trainer and recipes.evaluate run
     torch.manual_seed(0)
     data = load_dataset_dir(ensure_data())
     started = time.perf_counter()

@@ -41,7 +41,7 @@ from recipes.evaluation import RankingResult, evaluate_users, render_item_prompt
 from recipes.intervals import per_user_record
 from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference, read_prior
 from recipes.model_card import refresh_card
-from recipes.modeling import EMBEDDED_MODEL, unrepeated_gqa_attention_on_cpu
+from recipes.modeling import EMBEDDED_MODEL, cpu_attention_settings
 from recipes.onednn import bound_primitive_cache
 from recipes.run_folder import DEFAULT_SCORING, RUN_CONFIG_FILE
 from recipes.vectors import MarkerCloser
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     bound_primitive_cache()
-    unrepeated_gqa_attention_on_cpu()
+    cpu_attention_settings()
     data = load_dataset_dir(args.data)
     items = data["items"]
     indices = sample_indices(len(data[args.split]), args.max_users, args.seed)

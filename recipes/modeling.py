@@ -160,43 +160,70 @@ class _Float32AttentionRecomputedInBackward(torch.autograd.Function):
         )
 
 
-def float32_attention_with_gradient_on_cpu() -> None:
-    """Run bf16 attention in float32 on CPU where gradient flows (the loss forward and its backward).
+def _float32_call(original, module, query, key, value, attention_mask, *args, **kwargs) -> torch.Tensor:
+    """transformers' attention `original` on float32 copies of bf16 inputs (an additive mask too): its output."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()  # cast here, so that the layers share the saved bf16 mask
+    return original(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)[0]
 
-    torch's CPU flash-attention backward is slower in bf16 than in float32: measured with torch 2.13 on a 2-core
-    Intel Xeon, forward and backward of SmolLM2's heads over 4 prompts of 150 tokens took 21.8 ms in bf16 against
-    11.0 ms in float32 (item prompts, 27 tokens after a 33-token prefix: 4.1 against 1.2 ms); it was a fifth of a
-    bf16 training step. Inputs are cast to float32 for the call and the output back (cheap next to the kernel),
-    which also keeps the softmax in float32. Only the bf16 inputs are kept for the backward pass, which
-    recomputes the float32 forward (`_Float32AttentionRecomputedInBackward`) unless the call has dropout
-    or a keyword tensor that wants gradient.
-    Forwards without gradient keep bf16, where its kernel is faster (decoding: 0.63 against 1.0 ms). Not on CUDA.
+
+def float32_attention_where_faster_on_cpu() -> None:
+    """Run bf16 attention in float32 on CPU where that is faster: wherever gradient flows, and for decoding
+    (one query token a row, no gradient) on CPUs without AMX.
+
+    With gradient (the loss forward and its backward): torch's CPU flash-attention backward is slower in bf16
+    than in float32: measured with torch 2.13 on a 2-core Intel Xeon, forward and backward of SmolLM2's heads
+    over 4 prompts of 150 tokens took 21.8 ms in bf16 against 11.0 ms in float32 (item prompts, 27 tokens after
+    a 33-token prefix: 4.1 against 1.2 ms); it was a fifth of a bf16 training step. Inputs are cast to float32
+    for the call and the output back (cheap next to the kernel), which also keeps the softmax in float32. Only
+    the bf16 inputs are kept for the backward pass, which recomputes the float32 forward
+    (`_Float32AttentionRecomputedInBackward`) unless the call has dropout or a keyword tensor that wants
+    gradient.
+
+    Decoding without AMX: the bf16 kernel spends its time on per-head setup when the query is one token.
+    Measured with torch 2.13 on a 2-core AMD EPYC (AVX512-BF16, no AMX), SmolLM2's heads, 16 rows over 200
+    cached tokens: 1.6-1.9 ms in bf16 against 0.38 ms cast to float32 and back (8 rows over 60 tokens: 0.28
+    against 0.12 ms); it was half of a decoding step. On the Intel Xeon with AMX the bf16 kernel decoded faster
+    (0.63 against 1.0 ms), so there decoding keeps bf16. Prompts (many query tokens, no gradient) keep bf16
+    everywhere: its kernel is as fast or faster there (the EPYC: 64 item prompts of 27 tokens 4.1-5.1 against
+    4.7-9.8 ms). Not on CUDA.
     """
     if torch.cuda.is_available():
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+    from recipes.precision import cpu_bf16_units
+
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if hasattr(original, "original"):  # installed already
         return
+    decode_in_float32 = cpu_bf16_units() != "AMX-BF16"
 
     def sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
-        if query.device.type != "cpu" or query.dtype != torch.bfloat16 or not torch.is_grad_enabled():
+        if query.device.type != "cpu" or query.dtype != torch.bfloat16:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
 
         def attend(query, key, value, attention_mask):
-            if attention_mask is not None and attention_mask.is_floating_point():
-                attention_mask = attention_mask.float()  # cast here, so that the layers share the saved mask
-            return original(module, query, key, value, attention_mask, *args, **kwargs)[0]
+            return _float32_call(original, module, query, key, value, attention_mask, *args, **kwargs)
 
+        if not torch.is_grad_enabled():
+            if decode_in_float32 and query.size(-2) == 1:
+                return attend(query, key, value, attention_mask).to(query.dtype), None
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
         dropout = args[0] if args else kwargs.get("dropout", 0.0)
         learned = any(isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values()))
         if dropout or learned:  # a recomputed forward would draw another dropout mask, or lose that gradient
-            return attend(query.float(), key.float(), value.float(), attention_mask).to(query.dtype), None
+            return attend(query, key, value, attention_mask).to(query.dtype), None
         return _Float32AttentionRecomputedInBackward.apply(query, key, value, attention_mask, attend), None
 
     sdpa_attention_forward.original = original  # transformers' own function, also the mark of this wrapper
     AttentionInterface.register("sdpa", sdpa_attention_forward)
+
+
+def cpu_attention_settings() -> None:
+    """Install both CPU attention settings (unrepeated GQA heads, float32 where faster), as every entry point runs."""
+    unrepeated_gqa_attention_on_cpu()
+    float32_attention_where_faster_on_cpu()
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):

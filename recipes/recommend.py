@@ -47,7 +47,7 @@ from recipes.evaluate import (
 )
 from recipes.evaluation import cosine_scores, render_user_prompt
 from recipes.loading import item_index_for
-from recipes.modeling import unrepeated_gqa_attention_on_cpu
+from recipes.modeling import cpu_attention_settings
 from recipes.onednn import bound_primitive_cache
 from recipes.run_folder import CATALOG_FILE, RunFolderError, read_catalog, run_file
 from recipes.vectors import MarkerCloser, encode_sequences
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     bound_primitive_cache()
-    unrepeated_gqa_attention_on_cpu()
+    cpu_attention_settings()
     items, data = catalog_and_data(args)
     titles = list(items["title"])
     held_out: tuple[str, int] | None = None

@@ -161,8 +161,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     setup_logging(training_args)
     setup_wandb(training_args)
     warn_if_push_cannot_work(training_args)
-    modeling.unrepeated_gqa_attention_on_cpu()
-    modeling.float32_attention_with_gradient_on_cpu()
+    modeling.cpu_attention_settings()
 
     data = load_data(script_args)
     train = data["train"]

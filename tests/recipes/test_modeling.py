@@ -7,7 +7,7 @@ import torch
 from transformers.integrations import sdpa_attention
 from transformers.modeling_utils import AttentionInterface
 
-from recipes.modeling import float32_attention_with_gradient_on_cpu, unrepeated_gqa_attention_on_cpu
+from recipes.modeling import float32_attention_where_faster_on_cpu, unrepeated_gqa_attention_on_cpu
 from tests.numerics import assert_close_at_scale, assert_dicts_close_at_scale
 from tests.recipes.conftest import build_tiny_model
 
@@ -121,7 +121,7 @@ def test_float32_attention_keeps_only_bf16_inputs_and_gives_the_cast_gradients(b
     original = _transformers_sdpa()
     cast_logits, cast_grads, cast_saved = run(_float32_by_casting(original))
     AttentionInterface.register("sdpa", original)
-    float32_attention_with_gradient_on_cpu()
+    float32_attention_where_faster_on_cpu()
     installed = AttentionInterface._global_mapping["sdpa"]
     assert installed.original is original
     logits, grads, saved = run(installed)
@@ -160,7 +160,7 @@ def test_float32_attention_gradients_for_some_inputs_and_an_additive_mask(bf16_m
         return output.detach().float(), query.grad.float(), value.grad.float()
 
     want = gradients(_float32_by_casting(_transformers_sdpa()))
-    float32_attention_with_gradient_on_cpu()
+    float32_attention_where_faster_on_cpu()
     got = gradients(AttentionInterface._global_mapping["sdpa"])
     assert key.grad is None
     for name, g, w in zip(("output", "query grad", "value grad"), got, want, strict=True):
@@ -171,9 +171,72 @@ def test_float32_attention_with_dropout_is_not_recomputed(bf16_model):
     attention_module = bf16_model.model.layers[0].self_attn
     query = torch.randn(1, 4, 5, 16).bfloat16().requires_grad_()
     key, value = torch.randn(1, 2, 5, 16).bfloat16(), torch.randn(1, 2, 5, 16).bfloat16()
-    float32_attention_with_gradient_on_cpu()
+    float32_attention_where_faster_on_cpu()
     attention = AttentionInterface._global_mapping["sdpa"]
     kept, _ = attention(attention_module, query, key, value, None, dropout=0.0)
     dropped, _ = attention(attention_module, query, key, value, None, dropout=0.5)
     assert "Recomputed" in type(kept.grad_fn).__name__
     assert "Recomputed" not in type(dropped.grad_fn).__name__  # another draw in the backward would be wrong
+
+
+def _recording(original, calls: list):
+    """transformers' attention, noting the dtype and query length of every call it receives."""
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        calls.append((query.dtype, query.size(-2)))
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return attention
+
+
+@pytest.mark.parametrize(
+    ("units", "decode_dtype"), [("AVX512-BF16", torch.float32), ("AMX-BF16", torch.bfloat16)]
+)
+def test_decoding_steps_run_attention_in_float32_on_cpus_without_amx(
+    bf16_model, monkeypatch, units, decode_dtype
+):
+    monkeypatch.setattr("recipes.precision.cpu_bf16_units", lambda: units)
+    calls: list = []
+    AttentionInterface.register("sdpa", _recording(_transformers_sdpa(), calls))
+    float32_attention_where_faster_on_cpu()
+    model = bf16_model.eval()
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask[:, :9], use_cache=True)
+        prompt_calls, calls[:] = list(calls), []
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, cache=out.past_key_values)
+    layers = model.config.num_hidden_layers
+    assert prompt_calls == [(torch.bfloat16, 9)] * layers  # prompts keep bf16 everywhere
+    assert calls == [(decode_dtype, 1)] * layers
+    assert step.logits.dtype == torch.bfloat16
+
+
+def test_float32_decoding_attention_matches_a_float32_reference(bf16_model, monkeypatch):
+    monkeypatch.setattr("recipes.precision.cpu_bf16_units", lambda: "AVX512-BF16")
+    attention_module = bf16_model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(3, 4, 1, 16, generator=generator).bfloat16()
+    key = torch.randn(3, 2, 12, 16, generator=generator).bfloat16()
+    value = torch.randn(3, 2, 12, 16, generator=generator).bfloat16()
+    mask = torch.zeros(3, 1, 1, 12, dtype=torch.bfloat16)
+    mask[0, ..., :5] = torch.finfo(torch.bfloat16).min  # a left-padded row
+    original = _transformers_sdpa()
+    want, _ = original(
+        attention_module,
+        query.double(),
+        key.double(),
+        value.double(),
+        mask.double(),
+        dropout=0.0,
+        scaling=0.25,
+    )
+    float32_attention_where_faster_on_cpu()
+    with torch.no_grad():
+        got, _ = AttentionInterface._global_mapping["sdpa"](
+            attention_module, query, key, value, mask, dropout=0.0, scaling=0.25
+        )
+    assert got.dtype == torch.bfloat16
+    # float32 arithmetic, then one rounding to bf16 (8 significant bits): within 2^-8 of the output's scale
+    assert_close_at_scale(got, want, rel=2**-8)
