@@ -26,7 +26,8 @@ from recipes.modeling import cache_root
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the evaluation code changes what it computes
+# Bump when the evaluation code changes what it computes (2: bf16 decoding attention in float32 without AMX).
+VERSION = 2
 
 
 def evaluation_key(trainer, splits: dict[str, list[dict] | None], data_fingerprints: dict[str, str]) -> str:
