@@ -225,7 +225,7 @@ def score_spread(vectors: torch.Tensor, tau: float, rows: int = 256, chunk: int 
         return float("nan")
     unit = F.normalize(vectors.float(), dim=-1)
     picked = torch.linspace(0, n - 1, steps=min(rows, n)).round().long().unique()
-    spreads = [(unit[part] @ unit.T).std(dim=1) for part in picked.split(chunk)]
+    spreads = [_cosine_spreads(unit[part], unit) for part in picked.split(chunk)]
     return (torch.cat(spreads).mean() / tau).item()
 
 
@@ -235,8 +235,12 @@ def batch_score_spread(user_vecs: torch.Tensor, item_vecs: torch.Tensor, tau: fl
     if item_vecs.size(0) < 2:
         return float("nan")
     with torch.no_grad():
-        cos = F.normalize(user_vecs.float(), dim=-1) @ F.normalize(item_vecs.float(), dim=-1).T  # (R, B)
-        return (cos.std(dim=1).mean() / tau).item()
+        return (_cosine_spreads(user_vecs, item_vecs).mean() / tau).item()
+
+
+def _cosine_spreads(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Each row's standard deviation of its cosines to the columns: (R, d) x (C, d) -> (R,)."""
+    return (F.normalize(rows.float(), dim=-1) @ F.normalize(columns.float(), dim=-1).T).std(dim=1)
 
 
 def collapse_warning(spread: float, prior: torch.Tensor | None) -> str | None:
