@@ -213,7 +213,7 @@ def test_decoding_steps_run_attention_in_float32_on_cpus_without_amx(
     assert step.logits.dtype == torch.bfloat16
 
 
-def test_float32_decoding_attention_matches_a_float32_reference(bf16_model, monkeypatch):
+def test_float32_decoding_attention_matches_a_float64_reference(bf16_model, monkeypatch):
     monkeypatch.setattr("recipes.precision.cpu_bf16_units", lambda: "AVX512-BF16")
     attention_module = bf16_model.model.layers[0].self_attn
     generator = torch.Generator().manual_seed(3)
