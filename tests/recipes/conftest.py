@@ -1,8 +1,8 @@
 """Shared fixtures of the trainer tests: a session model cache, a tiny random Llama with the real
 SmolLM2 tokenizer, a tiny synthetic dataset and a cheap RecPO configuration.
 
-The embedded SmolLM2 is converted once into `$RECPO_CACHE` (default `~/.cache/recpo`, reused by CI within
-a run); the tiny model only borrows its tokenizer, so every trainer test runs in seconds on two cores.
+The embedded SmolLM2 is converted once into the user's `$RECPO_CACHE/models` (tests/conftest.py); the tiny
+model only borrows its tokenizer, so every trainer test runs in seconds on two cores.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ TINY_CONFIG = {
 
 
 @pytest.fixture(scope="session", autouse=True)
-def recpo_environment() -> Path:
-    """One model cache per test session, no wandb, and one torch thread per process (the box is shared)."""
-    cache = Path(os.environ.setdefault("RECPO_CACHE", str(Path.home() / ".cache" / "recpo")))
+def recpo_environment(session_recpo_cache: Path) -> Path:
+    """The session's cache (tests/conftest.py), no wandb, and one torch thread per process (the box is shared)."""
     os.environ["WANDB_MODE"] = "disabled"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
-    return cache
+    return session_recpo_cache
 
 
 @pytest.fixture

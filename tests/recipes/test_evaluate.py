@@ -52,11 +52,11 @@ def build_dataset(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_cache() -> Path:
-    """The embedded SmolLM2 is converted once into $RECPO_CACHE; one torch thread (the box is shared)."""
+def model_cache(session_recpo_cache: Path) -> Path:
+    """The session's cache (tests/conftest.py); one torch thread (the box is shared)."""
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Path(os.environ.setdefault("RECPO_CACHE", str(Path.home() / ".cache" / "recpo")))
+    return session_recpo_cache
 
 
 @pytest.fixture(scope="session")
