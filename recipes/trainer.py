@@ -331,11 +331,29 @@ class RecPOTrainer(GRPOTrainer):
         self.args.item_warmup_steps += steps
         self.args.max_steps += steps
         self.state.max_steps += steps
+        self._respan_lr_schedule()
         for callback in self.callback_handler.callbacks:
             bar = getattr(callback, "training_bar", None)
             if bar is not None:
                 bar.total = self.state.max_steps
                 bar.refresh()
+
+    def _respan_lr_schedule(self) -> None:
+        """Rebuild the learning-rate schedule over the run's new length, at the step it has reached.
+
+        A step-based schedule is built for the length the run had at its start: after a restart lengthened the run,
+        a linear decay would sit at zero for the added steps and a cosine one would climb back. A resumed run builds
+        its schedule over the lengthened run too (`train`), so both follow the same rates. Constant schedules (the
+        CPU recipe's) give the same rates either way.
+        """
+        old = self.lr_scheduler
+        if not isinstance(old, torch.optim.lr_scheduler.LambdaLR):  # none yet, or not step-based (plateau)
+            return
+        self.lr_scheduler = None
+        new = self.create_scheduler(num_training_steps=self.state.max_steps, optimizer=old.optimizer)
+        new.last_epoch = old.last_epoch - 1
+        new.step()  # LambdaLR's rate is closed-form in the step: base rate x lambda(last_epoch)
+        self.callback_handler.lr_scheduler = new  # what callbacks are handed
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

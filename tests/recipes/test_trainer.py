@@ -445,6 +445,37 @@ def test_a_collapsed_warm_up_starts_over_once_with_new_factors_and_runs_the_step
         assert [e["step"] for e in checks] == [3] and not redrawn and not warned
 
 
+def test_a_warm_up_restart_spreads_a_decaying_learning_rate_over_the_lengthened_run_and_a_resume_follows_it(
+    tiny_model_dir, synthetic_data, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(trainer_module, "COLLAPSED_SPREAD", 1e9)
+    linear = {"lr_scheduler_type": "linear", "warmup_steps": 0}
+    out = tmp_path / "run"
+    recpo.main(*warmup_restart_run(out, tiny_model_dir, synthetic_data, **linear))
+    rates = {e["step"]: e["learning_rate"] for e in log_history(out / "checkpoint-6") if "loss" in e}
+    # Steps 1-2 run on the planned 4 steps: 1e-3 x (4 - 0) / 4, (4 - 1) / 4. The restart before step 3 makes the
+    # run 6 steps long, and the decay spans them from there: (6 - 2) / 6 ... (6 - 5) / 6. Without the rebuild
+    # steps 5 and 6 would run at rate 0.
+    expected = {1: 4 / 4, 2: 3 / 4, 3: 4 / 6, 4: 3 / 6, 5: 2 / 6, 6: 1 / 6}
+    assert rates == pytest.approx({step: 1e-3 * share for step, share in expected.items()}, rel=1e-6)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-4", resumed / "checkpoint-4")
+    recpo.main(
+        *warmup_restart_run(
+            resumed,
+            tiny_model_dir,
+            synthetic_data,
+            resume_from_checkpoint=str(resumed / "checkpoint-4"),
+            **linear,
+        )
+    )
+    resumed_rates = {
+        e["step"]: e["learning_rate"] for e in log_history(resumed / "checkpoint-6") if "loss" in e
+    }
+    assert {s: resumed_rates[s] for s in (5, 6)} == pytest.approx({s: rates[s] for s in (5, 6)}, rel=1e-6)
+
+
 def test_a_warm_up_restart_clears_adams_state_and_lengthens_the_run_by_the_steps_spent(
     tokenizer, synthetic_data, tmp_path
 ):
