@@ -42,7 +42,7 @@ from recipes.intervals import per_user_record
 from recipes.loading import LoadedModel, ModelLoadError, item_index_for, load_for_inference, read_prior
 from recipes.model_card import refresh_card
 from recipes.modeling import EMBEDDED_MODEL, cpu_attention_settings
-from recipes.onednn import bound_primitive_cache
+from recipes.onednn import bound_kernel_caches
 from recipes.run_folder import DEFAULT_SCORING, RUN_CONFIG_FILE
 from recipes.vectors import MarkerCloser
 from rewards.prior import ScorePrior, train_prior
@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    bound_primitive_cache()
+    bound_kernel_caches()
     cpu_attention_settings()
     data = load_dataset_dir(args.data)
     items = data["items"]

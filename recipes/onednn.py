@@ -36,7 +36,7 @@ def _bound(variable: str, capacity: int, what: str) -> int:
         ) from None
 
 
-def bound_primitive_cache(
+def bound_kernel_caches(
     capacity: int = DEFAULT_PRIMITIVE_CACHE_CAPACITY,
     computation_capacity: int = DEFAULT_COMPUTATION_CACHE_CAPACITY,
 ) -> int:

@@ -48,7 +48,7 @@ from recipes.evaluate import (
 from recipes.evaluation import cosine_scores, render_user_prompt
 from recipes.loading import item_index_for
 from recipes.modeling import cpu_attention_settings
-from recipes.onednn import bound_primitive_cache
+from recipes.onednn import bound_kernel_caches
 from recipes.run_folder import CATALOG_FILE, RunFolderError, read_catalog, run_file
 from recipes.vectors import MarkerCloser, encode_sequences
 from rewards.ranking import target_rank
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> Recommendation:
         raise SystemExit("error: --k and --max-new-tokens must be positive and --gap-days not negative")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    bound_primitive_cache()
+    bound_kernel_caches()
     cpu_attention_settings()
     items, data = catalog_and_data(args)
     titles = list(items["title"])

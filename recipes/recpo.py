@@ -34,7 +34,7 @@ from recipes import eval_cache, modeling
 from recipes.config import RecPOConfig, ScriptArguments, recipe_settings
 from recipes.memory import peak_memory_metrics, release_freed_memory
 from recipes.model_card import write_card
-from recipes.onednn import bound_primitive_cache
+from recipes.onednn import bound_kernel_caches
 from recipes.precision import Precision, resolve_precision
 from recipes.publish import PublishError, hub_offline, publish
 from recipes.results import format_table, write_results
@@ -156,7 +156,7 @@ def evaluate_untrained(
 
 
 def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: ModelConfig) -> dict:
-    bound_primitive_cache()  # before the first matrix product: the kernel caches otherwise grow all run
+    bound_kernel_caches()  # before the first matrix product: the kernel caches otherwise grow all run
     set_seed(training_args.seed)
     setup_logging(training_args)
     setup_wandb(training_args)

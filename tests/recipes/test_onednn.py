@@ -11,7 +11,7 @@ from recipes.onednn import (
     DEFAULT_COMPUTATION_CACHE_CAPACITY,
     DEFAULT_PRIMITIVE_CACHE_CAPACITY,
     PRIMITIVE_CACHE_VARIABLE,
-    bound_primitive_cache,
+    bound_kernel_caches,
 )
 from recipes.precision import cpu_bf16_units
 
@@ -19,32 +19,32 @@ from recipes.precision import cpu_bf16_units
 def test_the_primitive_cache_gets_the_default_bound_when_the_environment_sets_none(monkeypatch):
     monkeypatch.delenv(PRIMITIVE_CACHE_VARIABLE, raising=False)
     monkeypatch.delenv(COMPUTATION_CACHE_VARIABLE, raising=False)
-    assert bound_primitive_cache() == DEFAULT_PRIMITIVE_CACHE_CAPACITY == 64
+    assert bound_kernel_caches() == DEFAULT_PRIMITIVE_CACHE_CAPACITY == 64
     assert os.environ[PRIMITIVE_CACHE_VARIABLE] == "64"
 
 
 def test_a_capacity_the_user_exported_is_kept(monkeypatch):
     monkeypatch.setenv(PRIMITIVE_CACHE_VARIABLE, "1024")
-    assert bound_primitive_cache() == 1024
+    assert bound_kernel_caches() == 1024
 
 
 def test_a_capacity_that_is_not_a_number_is_refused_naming_the_variable(monkeypatch):
     monkeypatch.setenv(PRIMITIVE_CACHE_VARIABLE, "lots")
     with pytest.raises(ValueError, match="ONEDNN_PRIMITIVE_CACHE_CAPACITY='lots'"):
-        bound_primitive_cache()
+        bound_kernel_caches()
 
 
 def test_the_computation_cache_gets_its_bound_and_an_explicit_value_wins(monkeypatch):
     monkeypatch.delenv(COMPUTATION_CACHE_VARIABLE, raising=False)
     monkeypatch.setenv(PRIMITIVE_CACHE_VARIABLE, "64")
-    bound_primitive_cache()
+    bound_kernel_caches()
     assert os.environ[COMPUTATION_CACHE_VARIABLE] == str(DEFAULT_COMPUTATION_CACHE_CAPACITY) == "16"
     monkeypatch.setenv(COMPUTATION_CACHE_VARIABLE, "1024")
-    bound_primitive_cache()
+    bound_kernel_caches()
     assert os.environ[COMPUTATION_CACHE_VARIABLE] == "1024"
     monkeypatch.setenv(COMPUTATION_CACHE_VARIABLE, "few")
     with pytest.raises(ValueError, match="LRU_CACHE_CAPACITY='few'"):
-        bound_primitive_cache()
+        bound_kernel_caches()
 
 
 # bf16 matrix products of 300 distinct row counts, the way a run meets new prompt lengths, then the resident
@@ -52,8 +52,8 @@ def test_the_computation_cache_gets_its_bound_and_an_explicit_value_wins(monkeyp
 _GROWTH = """
 import torch
 from recipes.memory import release_freed_memory, resident_mb
-from recipes.onednn import bound_primitive_cache
-bound_primitive_cache()
+from recipes.onednn import bound_kernel_caches
+bound_kernel_caches()
 torch.set_num_threads(1)
 w = torch.randn(1536, 576, dtype=torch.bfloat16)
 torch.nn.functional.linear(torch.randn(8, 576, dtype=torch.bfloat16), w)
