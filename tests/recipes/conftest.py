@@ -1,7 +1,7 @@
 """Shared fixtures of the trainer tests: a session model cache, a tiny random Llama with the real
 SmolLM2 tokenizer, a tiny synthetic dataset and a cheap RecPO configuration.
 
-The embedded SmolLM2 is converted once into the user's `$RECPO_CACHE/models` (tests/conftest.py); the tiny
+The embedded SmolLM2 is converted once into the user's `$RECPO_CACHE/models` (`session_recpo_cache`); the tiny
 model only borrows its tokenizer, so every trainer test runs in seconds on two cores.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.modeling import EMBEDDED_MODEL
+from recipes.modeling import EMBEDDED_MODEL, cache_root
 
 TINY_CONFIG = {
     "hidden_size": 64,
@@ -27,8 +27,24 @@ TINY_CONFIG = {
 
 
 @pytest.fixture(scope="session", autouse=True)
+def session_recpo_cache(tmp_path_factory) -> Path:
+    """One cache folder per test session, so the tests leave nothing in the user's `$RECPO_CACHE`.
+
+    The tiny runs write untrained evaluations and item indexes keyed by their random weights; those belong to the
+    session. Only the converted embedded model (`models/`, half a minute to build) is shared with the user's cache,
+    through a link, so it is converted once per machine, not per session.
+    """
+    user_cache = cache_root()
+    (user_cache / "models").mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("recpo-cache")
+    (cache / "models").symlink_to(user_cache / "models", target_is_directory=True)
+    os.environ["RECPO_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
 def recpo_environment(session_recpo_cache: Path) -> Path:
-    """The session's cache (tests/conftest.py), no wandb, and one torch thread per process (the box is shared)."""
+    """The session's cache (`session_recpo_cache`), no wandb, and one torch thread per process (the box is shared)."""
     os.environ["WANDB_MODE"] = "disabled"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)

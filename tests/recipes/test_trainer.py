@@ -408,6 +408,17 @@ def warmup_restart_run(out: Path, model_dir: Path, data_dir: Path, **extra) -> l
     )
 
 
+def resume_from_step_4(out: Path, resumed: Path, model_dir: Path, data_dir: Path, **extra) -> list[dict]:
+    """Resume a copy of `warmup_restart_run`'s checkpoint-4 in `resumed`; the step logs of its checkpoint-6."""
+    shutil.copytree(out / "checkpoint-4", resumed / "checkpoint-4")
+    recpo.main(
+        *warmup_restart_run(
+            resumed, model_dir, data_dir, resume_from_checkpoint=str(resumed / "checkpoint-4"), **extra
+        )
+    )
+    return [e for e in log_history(resumed / "checkpoint-6") if "loss" in e]
+
+
 @pytest.mark.parametrize("collapsed", [True, False])
 def test_a_collapsed_warm_up_starts_over_once_with_new_factors_and_runs_the_steps_it_spent_again(
     tiny_model_dir, synthetic_data, tmp_path, monkeypatch, caplog, collapsed
@@ -459,20 +470,8 @@ def test_a_warm_up_restart_spreads_a_decaying_learning_rate_over_the_lengthened_
     expected = {1: 4 / 4, 2: 3 / 4, 3: 4 / 6, 4: 3 / 6, 5: 2 / 6, 6: 1 / 6}
     assert rates == pytest.approx({step: 1e-3 * share for step, share in expected.items()}, rel=1e-6)
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out / "checkpoint-4", resumed / "checkpoint-4")
-    recpo.main(
-        *warmup_restart_run(
-            resumed,
-            tiny_model_dir,
-            synthetic_data,
-            resume_from_checkpoint=str(resumed / "checkpoint-4"),
-            **linear,
-        )
-    )
-    resumed_rates = {
-        e["step"]: e["learning_rate"] for e in log_history(resumed / "checkpoint-6") if "loss" in e
-    }
+    resumed = resume_from_step_4(out, tmp_path / "resumed", tiny_model_dir, synthetic_data, **linear)
+    resumed_rates = {e["step"]: e["learning_rate"] for e in resumed}
     assert {s: resumed_rates[s] for s in (5, 6)} == pytest.approx({s: rates[s] for s in (5, 6)}, rel=1e-6)
 
 
@@ -514,14 +513,7 @@ def test_a_resumed_run_takes_its_warm_up_restart_back_from_the_checkpoint(
     monkeypatch.setattr(trainer_module, "COLLAPSED_SPREAD", 1e9)
     out = tmp_path / "run"
     recpo.main(*warmup_restart_run(out, tiny_model_dir, synthetic_data))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out / "checkpoint-4", resumed / "checkpoint-4")
-    recpo.main(
-        *warmup_restart_run(
-            resumed, tiny_model_dir, synthetic_data, resume_from_checkpoint=str(resumed / "checkpoint-4")
-        )
-    )
-    logs = [e for e in log_history(resumed / "checkpoint-6") if "loss" in e]
+    logs = resume_from_step_4(out, tmp_path / "resumed", tiny_model_dir, synthetic_data)
     # Without the record the resumed run would end at the configured max_steps 4, its warm-up at step 3.
     assert [e["step"] for e in logs if e["step"] > 4] == [5, 6]
     assert "reward" not in logs[-2] and "reward" in logs[-1]
