@@ -10,10 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GenerationConfig
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from recipes.decoding import UnsupportedSampling, reason_and_encode, sampling_warpers, unsupported_head
+from recipes.decoding import (
+    UnsupportedSampling,
+    _RoomyLayer,
+    reason_and_encode,
+    reserve_room,
+    sampling_warpers,
+    unsupported_head,
+)
 from recipes.evaluation import greedy_reasoning, render_user_prompt, stop_at_marker
-from recipes.vectors import MarkerCloser, encode_sequences, left_pad
+from recipes.vectors import MarkerCloser, decoder, encode_sequences, left_pad, prefill
 from tests.numerics import assert_close_at_scale
 
 MARKER = "<answer>"
@@ -120,3 +128,76 @@ def test_models_that_scale_their_logits_are_not_sampled_by_the_loop(tiny_model):
     assert unsupported_head(tiny_model) is None
     tiny_model.config.logit_scale = 0.5
     assert "logit_scale" in unsupported_head(tiny_model)
+
+
+def decode_steps(model, tokenizer, prompts, steps: int, room: int | None):
+    """Prefill `prompts`, then feed `steps` fixed tokens one at a time; with `room`, reserve it first.
+
+    Returns the final hidden state of every step (steps, rows, d) and the prefilled cache."""
+    backbone = decoder(model)
+    with torch.no_grad():
+        state = prefill(model, prompts, tokenizer.pad_token_id)
+        if room is not None:
+            reserve_room(state.cache, room)
+        mask, position, hidden = state.mask, state.next_position, []
+        for token in range(100, 100 + steps):
+            mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
+            out = backbone(
+                input_ids=torch.full((mask.size(0), 1), token),
+                attention_mask=mask,
+                position_ids=position.unsqueeze(1),
+                use_cache=True,
+                **{state.cache_kw: state.cache},
+            )
+            position = position + 1
+            hidden.append(out.last_hidden_state[:, -1])
+    return torch.stack(hidden), state.cache
+
+
+def test_decoding_steps_write_into_the_reserved_room_and_attend_as_the_growing_cache_does(
+    tiny_model, tokenizer
+):
+    prompts = user_prompts(tokenizer, ("Recommend me a film.", "I watched Heat and Alien; what next?"))
+    want, plain = decode_steps(tiny_model, tokenizer, prompts, steps=4, room=None)
+    got, roomy = decode_steps(tiny_model, tokenizer, prompts, steps=4, room=4)
+    assert_close_at_scale(got, want, name="hidden states")
+    assert all(isinstance(layer, _RoomyLayer) for layer in roomy.layers)
+    for layer, reference in zip(roomy.layers, plain.layers, strict=True):
+        assert layer.keys.shape == reference.keys.shape  # the filled part only, as the model reads it
+        assert_close_at_scale(layer.values, reference.values, name="cached values")
+        key_buffer, _ = layer._buffers
+        assert layer.keys.data_ptr() == key_buffer.data_ptr()  # a view of the buffer: nothing was copied
+        assert key_buffer.size(-2) == layer.keys.size(-2)  # all 4 tokens of room used
+
+
+def test_a_layer_out_of_room_goes_on_by_concatenation(tiny_model, tokenizer):
+    prompts = user_prompts(tokenizer, ("Recommend me a film.", "hi"))
+    want, plain = decode_steps(tiny_model, tokenizer, prompts, steps=3, room=None)
+    got, roomy = decode_steps(tiny_model, tokenizer, prompts, steps=3, room=1)
+    assert_close_at_scale(got, want, name="hidden states")
+    for layer, reference in zip(roomy.layers, plain.layers, strict=True):
+        assert layer._buffers is None  # dropped at the first step that did not fit
+        assert_close_at_scale(layer.keys, reference.keys, name="cached keys")
+
+
+def test_a_batch_selection_of_a_roomy_layer_keeps_the_chosen_rows():
+    keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    cache = DynamicCache(ddp_cache_data=[(keys, values)])
+    assert reserve_room(cache, 2) == 1
+    new_keys, new_values = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    cache.update(new_keys, new_values, 0)
+    cache.layers[0].batch_select_indices(torch.tensor([2, 0]))
+    got_keys, got_values = cache.update(torch.zeros(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 0)
+    assert torch.equal(got_keys[:, :, :5], keys[[2, 0]]) and torch.equal(
+        got_keys[:, :, 5], new_keys[[2, 0], :, 0]
+    )
+    assert torch.equal(got_values[:, :, 6], torch.ones(2, 2, 4)) and got_keys.shape == (2, 2, 7, 4)
+
+
+def test_reserve_room_leaves_layers_that_are_not_plain_dynamic_ones_alone():
+    cache = Cache(layers=[DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=4), DynamicLayer()])
+    for i in range(2):
+        cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), i)  # the last layer stays empty
+    assert reserve_room(cache, 8) == 1
+    assert [type(layer) for layer in cache.layers] == [_RoomyLayer, DynamicSlidingWindowLayer, DynamicLayer]
+    assert reserve_room(cache, 0) == 0 and reserve_room(None, 8) == 0
