@@ -362,7 +362,7 @@ class RecPOTrainer(GRPOTrainer):
             if folder.is_dir():
                 record = {
                     "restarts": self.warmup_restarts_done,
-                    "started_at": self.warmup_started_at,
+                    "started_at": self.warmup_started_at,  # for a reader: a resume derives it from restarts
                     "extra_steps": self.warmup_steps_added,  # restarts add the steps they spent; an early end cuts
                 }
                 (folder / RESTARTS_FILE).write_text(json.dumps(record) + "\n")
