@@ -10,8 +10,8 @@ EOS or at the length limit, the marker is appended.
 
 The loop knows in advance how many tokens it may add, so each layer's keys and values get that room once, after the
 prefill (`reserve_room`): a step writes its token in place instead of copying the whole cache, as transformers'
-dynamic cache does at every step (`torch.cat`). On the CPU default that copy was about 5% of greedy reasoning's time
-(2-core AVX2 EPYC, reports/README.md); it grows with the rollout length.
+dynamic cache does at every step (`torch.cat`). On the CPU default that saves about 4% of greedy reasoning's time
+(2-core AVX2 EPYC, reports/README.md); the copy it avoids grows with the rollout's length.
 """
 
 from __future__ import annotations
