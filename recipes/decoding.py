@@ -109,12 +109,7 @@ def reserve_room(cache, tokens: int) -> int:
         return 0
     reserved = 0
     for i, layer in enumerate(layers):
-        if (
-            type(layer) is DynamicLayer
-            and layer.is_initialized
-            and layer.keys is not None
-            and layer.keys.dim() == 4
-        ):
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
             layers[i] = _RoomyLayer(layer.keys, layer.values, tokens)
             reserved += 1
     return reserved
@@ -196,10 +191,10 @@ def reason_and_encode(
     # Identical prompts land in the same batch (sorted together), so they share one prefill row.
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), tuple(prompts[i])))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    steps = max_new_tokens + len(closer.marker_ids) + 1  # the most tokens a row can be fed
     for chunk in tqdm(chunks, desc=progress, disable=progress is None, unit="batch", leave=False):
         state = prefill(model, [prompts[i] for i in chunk], pad_id)
         cache, mask, position, hidden = state.cache, state.mask, state.next_position, state.last_hidden
-        steps = max_new_tokens + len(closer.marker_ids) + 1  # the most tokens a row can be fed
         reserve_room(cache, steps)
         rows = len(chunk)
         generated: list[list[int]] = [[] for _ in range(rows)]

@@ -53,7 +53,7 @@ def build_dataset(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def model_cache(session_recpo_cache: Path) -> Path:
-    """The session's cache (conftest.py); one torch thread (the box is shared)."""
+    """The session's cache (`session_recpo_cache`); one torch thread (the box is shared)."""
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return session_recpo_cache
