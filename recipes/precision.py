@@ -103,17 +103,22 @@ def resolve_precision(requested: str, model_dtype: str | None, on_cpu: bool) -> 
     return Precision(requested, "bfloat16", f"this CPU has {units}")
 
 
-def lora_in_base_dtype(model: torch.nn.Module) -> int:
-    """Compute each LoRA adapter in its base layer's dtype (bf16) while its weights stay float32; returns the
-    number of layers changed.
+def lean_lora(model: torch.nn.Module) -> int:
+    """Run each plain LoRA adapter with fewer passes over the activations; returns the number of layers changed.
 
-    peft upcasts an adapter on a bf16 base to float32 and then, in every forward, casts the layer's input to
-    float32, runs the two small matmuls and the scaled sum in float32 over (tokens, out) activations and casts
-    the sum back: four passes over the activations per layer, forward and backward, which on a CPU cost more
-    than the bf16 base matmul saves. Here the adapter's weights are cast to bf16 at each call (r x in and
-    out x r: small), the adapter runs in bf16 beside the base layer, and autograd casts its weight gradients
-    back to float32 (the weights, their gradients and the optimizer state stay float32). Layers with another
-    variant (DoRA...), merged or disabled adapters, or mixed-adapter batches keep peft's own forward.
+    peft computes `base(x) + lora_B(lora_A(x)) * scaling`: the scaling multiplies, and the sum adds, whole
+    (tokens, out) activations, forward and backward. Here the scaling is folded into B (out x r: small) and the
+    sum is fused into B's product (`addmm`), so the adapter adds one product of width r to the base layer's output.
+    The same values to float rounding (tests/recipes/test_precision.py).
+
+    On a bf16 (or fp16) base, peft also upcasts the adapter to float32 and then, in every forward, casts the
+    layer's input to float32 and the sum back: four passes over the activations per layer, which on a CPU cost
+    more than the bf16 base matmul saves. Here the adapter's weights are cast to the base's dtype at each call
+    (r x in and out x r: small), the adapter runs in that dtype beside the base layer, and autograd casts its
+    weight gradients back to float32 (the weights, their gradients and the optimizer state stay float32).
+
+    Layers with another variant (DoRA...), adapters in another dtype than float32 or the base's, merged or
+    disabled adapters, and mixed-adapter batches keep peft's own forward.
     """
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -122,27 +127,31 @@ def lora_in_base_dtype(model: torch.nn.Module) -> int:
         if not isinstance(module, LoraLinear):
             continue
         base = module.get_base_layer().weight
-        if base.dtype not in (torch.bfloat16, torch.float16) or getattr(module, "lora_variant", {}):
+        if getattr(module, "lora_variant", {}) or base.dtype not in (
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+        ):
             continue
-        if not all(module.lora_A[name].weight.dtype == torch.float32 for name in module.lora_A):
+        if not all(module.lora_A[name].weight.dtype in (torch.float32, base.dtype) for name in module.lora_A):
             continue
-        module.forward = types.MethodType(_lora_forward_in_base_dtype, module)
+        module.forward = types.MethodType(_lean_lora_forward, module)
         changed += 1
     return changed
 
 
-def _lora_forward_in_base_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or self.lora_variant:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
+    dtype, shape = result.dtype, result.shape
     x = x.to(dtype)
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
         a = self.lora_A[name].weight.to(dtype)  # (r, in)
         b = (self.lora_B[name].weight * self.scaling[name]).to(dtype)  # (out, r)
-        result = result + torch.nn.functional.linear(
-            torch.nn.functional.linear(self.lora_dropout[name](x), a), b
-        )
+        low = torch.nn.functional.linear(self.lora_dropout[name](x), a)  # (..., r)
+        # result + low @ b.T as one product: no (tokens, out) temporaries, and only low and b kept for the backward
+        result = torch.addmm(result.reshape(-1, shape[-1]), low.reshape(-1, low.shape[-1]), b.t()).view(shape)
     return result

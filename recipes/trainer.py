@@ -61,7 +61,7 @@ from recipes.intervals import per_user_record
 from recipes.loading import redraw_lora
 from recipes.logprobs import shared_prompt_logps
 from recipes.memory import peak_memory_metrics, release_freed_memory
-from recipes.precision import lora_in_base_dtype
+from recipes.precision import lean_lora
 from recipes.run_folder import (
     ITEM_INDEX_FILE,
     PRIOR_FILE,
@@ -149,7 +149,7 @@ class RecPOTrainer(GRPOTrainer):
             )
         if not args.reasoning:
             self.log_completions = False  # no rollouts to show: TRL would print an empty table every log
-        if lora_in_base_dtype(self.model):  # bf16 base weights: the float32 adapter computed in bf16
+        if lean_lora(self.model):  # the scaling folded into B, the sum fused, on a bf16 base computed in bf16
             logger.info("LoRA adapters computed in the base weights' dtype, their weights kept in float32")
         if args.keep_fewer_activations and (switched := keep_fewer_activations(self.model)):
             logger.info("%d norms and MLPs keep fewer activations for the backward pass", switched)
