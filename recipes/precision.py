@@ -117,8 +117,8 @@ def lean_lora(model: torch.nn.Module) -> int:
     (r x in and out x r: small), the adapter runs in that dtype beside the base layer, and autograd casts its
     weight gradients back to float32 (the weights, their gradients and the optimizer state stay float32).
 
-    Layers with another variant (DoRA...), adapters in another dtype than float32 or the base's, merged or
-    disabled adapters, and mixed-adapter batches keep peft's own forward.
+    Layers with another variant (DoRA...), a bias on B (`lora_bias`), adapters in another dtype than float32 or the
+    base's, merged or disabled adapters, and mixed-adapter batches keep peft's own forward.
     """
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -127,13 +127,13 @@ def lean_lora(model: torch.nn.Module) -> int:
         if not isinstance(module, LoraLinear):
             continue
         base = module.get_base_layer().weight
-        if getattr(module, "lora_variant", {}) or base.dtype not in (
-            torch.float32,
-            torch.bfloat16,
-            torch.float16,
-        ):
-            continue
-        if not all(module.lora_A[name].weight.dtype in (torch.float32, base.dtype) for name in module.lora_A):
+        # DoRA and other variants, and a bias on B (peft's lora_bias, which it scales too), keep peft's forward
+        variant = getattr(module, "lora_variant", {})
+        plain = not variant and all(module.lora_B[name].bias is None for name in module.lora_B)
+        dtypes_ok = base.dtype in (torch.float32, torch.bfloat16, torch.float16) and all(
+            module.lora_A[name].weight.dtype in (torch.float32, base.dtype) for name in module.lora_A
+        )
+        if not (plain and dtypes_ok):
             continue
         module.forward = types.MethodType(_lean_lora_forward, module)
         changed += 1

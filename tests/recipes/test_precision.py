@@ -190,3 +190,15 @@ def test_lean_lora_leaves_merged_and_disabled_adapters_to_peft(tokenizer):
     assert (adapted - base).abs().max() > 1e-3 * scale
     assert (lean - adapted).abs().max() < 1e-5 * scale
     assert (merged - adapted).abs().max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("config", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "lora_bias"])
+def test_lean_lora_leaves_other_adapter_kinds_to_peft(tokenizer, config):
+    from peft import LoraConfig, get_peft_model
+
+    from recipes.precision import lean_lora
+
+    model = get_peft_model(
+        build_tiny_model(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **config)
+    )
+    assert lean_lora(model) == 0
