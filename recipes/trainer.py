@@ -306,23 +306,30 @@ class RecPOTrainer(GRPOTrainer):
             )
         return True
 
-    def end_item_warmup(self) -> None:
+    def end_item_warmup(self, whole_warmup_minutes: float | None = None) -> None:
         """End the item warm-up after the current step; the run keeps its RecPO steps (`time_budget_recpo_share`).
-        Every process calls it at the same step (TimeBudgetCallback decides together)."""
+        Every process calls it at the same step (TimeBudgetCallback decides together, and passes the budget
+        that would have run every planned warm-up step at this machine's pace, for the message)."""
         step, planned = self.state.global_step, self.args.item_warmup_steps
         if step >= planned:
             return
         self._extend_warmup(step - planned)
         self._metrics["train"]["warmup/ended_early_at"].append(float(step))
         if self.accelerator.is_main_process:
+            advice = (
+                f" At this pace the whole warm-up needs --time_budget_minutes {math.ceil(whole_warmup_minutes)}."
+                if whole_warmup_minutes is not None
+                else ""
+            )
             logger.warning(
                 "The item warm-up has spent its share of the time budget: it ends at step %d of %d, and the %d RecPO "
-                "steps follow (item_warmup_steps is now %d and max_steps %d).",
+                "steps follow (item_warmup_steps is now %d and max_steps %d).%s",
                 step,
                 planned,
                 self.args.max_steps - step,
                 self.args.item_warmup_steps,
                 self.state.max_steps,
+                advice,
             )
 
     def _extend_warmup(self, steps: int) -> None:
@@ -1029,30 +1036,35 @@ class TimeBudgetCallback(TrainerCallback):
 
     With `recpo_share` > 0 and an `end_warmup` hook (the trainer's `end_item_warmup`), the item warm-up also ends
     early, after the step at which it has spent `1 - recpo_share` of the budget, so that the RecPO steps after it
-    keep their share; the processes decide that together too."""
+    keep their share; the processes decide that together too. The hook is told the budget that the whole warm-up
+    would have needed at the pace so far, so that the run can say what to ask for on a machine this slow."""
 
     def __init__(
         self,
         minutes: float,
         on_any_process: Callable[[bool], bool] | None = None,
         recpo_share: float = 0.0,
-        end_warmup: Callable[[], None] | None = None,
+        end_warmup: Callable[[float | None], None] | None = None,
     ) -> None:
         self.seconds = minutes * 60.0
         self.warmup_seconds = self.seconds * (1.0 - recpo_share) if recpo_share > 0 else None
         self.end_warmup = end_warmup
         self.started: float | None = None
+        self.started_at_step = 0
         self.on_any_process = on_any_process or true_on_any_process
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
+        self.started_at_step = state.global_step  # a resumed run counts its pace from here
 
     def on_step_end(self, args, state, control, **kwargs):
         elapsed = None if self.started is None else time.perf_counter() - self.started
         if self._warmup_may_end(args, state):
             warmup_spent = elapsed is not None and elapsed >= self.warmup_seconds
             if self.on_any_process(warmup_spent):
-                self.end_warmup()
+                self.end_warmup(
+                    self.budget_for_whole_warmup(elapsed, state.global_step, args.item_warmup_steps)
+                )
         spent = elapsed is not None and elapsed >= self.seconds
         if self.on_any_process(spent):
             logger.info(
@@ -1061,6 +1073,15 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def budget_for_whole_warmup(self, elapsed: float | None, step: int, planned: int) -> float | None:
+        """Minutes of budget that would run all `planned` warm-up steps at the pace of the steps run so far and
+        keep the RecPO share after them; None before any step was timed."""
+        done = step - self.started_at_step
+        if elapsed is None or done <= 0:
+            return None
+        warmup_seconds = elapsed + (planned - step) * elapsed / done
+        return warmup_seconds / (self.warmup_seconds / self.seconds) / 60.0
 
     def _warmup_may_end(self, args, state) -> bool:
         """Whether the next step is an item warm-up step with RecPO steps after the warm-up (the same on every

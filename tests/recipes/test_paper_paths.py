@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 import types
 from pathlib import Path
@@ -294,7 +295,7 @@ def test_time_budget_stops_a_long_run_saves_and_still_evaluates(
 
 
 def test_time_budget_ends_the_warmup_early_and_keeps_the_recpo_steps(
-    tiny_model_dir, synthetic_data, tmp_path, ticking_clock, built_trainers
+    tiny_model_dir, synthetic_data, tmp_path, ticking_clock, built_trainers, caplog
 ):
     # A warm-up step reads the clock once (the callback), so 30 s of budget with half kept for RecPO ends the
     # 24-step warm-up near step 15, and the two RecPO steps still run.
@@ -316,6 +317,8 @@ def test_time_budget_ends_the_warmup_early_and_keeps_the_recpo_steps(
     ]
     assert 10 <= ended < 24
     assert state["global_step"] == ended + 2  # the warm-up's early end kept both RecPO steps
+    # The warning says what budget the 24 warm-up steps would need here: more than the half minute given.
+    assert re.search(r"At this pace the whole warm-up needs --time_budget_minutes \d+\.", caplog.text)
     recpo_steps = [entry for entry in state["log_history"] if "timing/generation_s" in entry]
     assert [entry["step"] for entry in recpo_steps] == [ended + 1, ended + 2]  # steps with reasoning
     changed = json.loads((out / "run_config.json").read_text())["training"]["changed"]

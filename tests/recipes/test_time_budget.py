@@ -49,10 +49,11 @@ class WarmupEnds:
     """Stand-in for RecPOTrainer.end_item_warmup: records the steps at which it was asked to end the warm-up."""
 
     def __init__(self, state: TrainerState) -> None:
-        self.state, self.calls = state, []
+        self.state, self.calls, self.budgets = state, [], []
 
-    def __call__(self) -> None:
+    def __call__(self, whole_warmup_minutes: float | None = None) -> None:
         self.calls.append(self.state.global_step)
+        self.budgets.append(whole_warmup_minutes)
 
 
 def run_steps(callback, clock, args, state, seconds_per_step: float, steps: int) -> list[TrainerControl]:
@@ -82,6 +83,31 @@ def test_warmup_ends_once_it_has_spent_all_but_the_recpo_share(clock):
     controls = run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=2)  # RecPO steps, 100 s
     assert ends.calls == [8]
     assert [c.should_training_stop for c in controls] == [False, True]  # the whole budget still stops the run
+
+
+def test_the_warmup_end_is_told_the_budget_the_whole_warmup_needs_at_this_pace(clock):
+    # 10 s a step, 80 s of 100 spent when the warm-up ends at step 8 of 300: the 300 steps take 3,000 s, and the
+    # RecPO share (20%) on top makes a budget of 3,750 s.
+    args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
+    state = TrainerState()
+    ends = WarmupEnds(state)
+    callback = TimeBudgetCallback(minutes=100 / 60, recpo_share=0.2, end_warmup=ends)
+    callback.on_train_begin(args, state, TrainerControl())
+    run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=8)
+    assert ends.calls == [8]
+    assert ends.budgets == [pytest.approx(3750 / 60)]
+
+
+def test_a_resumed_run_counts_its_pace_from_the_resumed_step(clock):
+    # Resumed at step 100: 8 steps of 10 s since, so the pace is 10 s a step, not 80 s over 108 steps.
+    args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
+    state = TrainerState(global_step=100)
+    ends = WarmupEnds(state)
+    callback = TimeBudgetCallback(minutes=100 / 60, recpo_share=0.2, end_warmup=ends)
+    callback.on_train_begin(args, state, TrainerControl())
+    run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=8)
+    assert ends.calls == [108]
+    assert ends.budgets == [pytest.approx((80 + 192 * 10) / 0.8 / 60)]
 
 
 def test_no_share_or_no_recpo_steps_leaves_the_warmup_alone(clock):
