@@ -317,7 +317,7 @@ def test_time_budget_ends_the_warmup_early_and_keeps_the_recpo_steps(
     ]
     assert 10 <= ended < 24
     assert state["global_step"] == ended + 2  # the warm-up's early end kept both RecPO steps
-    # The warning says what budget the 24 warm-up steps would need here: more than the half minute given.
+    # The warning says what budget the 24 warm-up steps would need (its arithmetic: test_time_budget.py).
     assert re.search(r"At this pace the whole warm-up needs --time_budget_minutes \d+\.", caplog.text)
     recpo_steps = [entry for entry in state["log_history"] if "timing/generation_s" in entry]
     assert [entry["step"] for entry in recpo_steps] == [ended + 1, ended + 2]  # steps with reasoning

@@ -67,13 +67,19 @@ def run_steps(callback, clock, args, state, seconds_per_step: float, steps: int)
     return controls
 
 
-def test_warmup_ends_once_it_has_spent_all_but_the_recpo_share(clock):
-    # 100 s of budget, 20% kept for RecPO: the warm-up ends after the step that reaches 80 s, and only once.
+def started_warmup(start_step: int = 0):
+    """A 100 s budget with 20% kept for RecPO and a 300-step warm-up, started (or resumed) at `start_step`."""
     args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
-    state = TrainerState()
+    state = TrainerState(global_step=start_step)
     ends = WarmupEnds(state)
     callback = TimeBudgetCallback(minutes=100 / 60, recpo_share=0.2, end_warmup=ends)
     callback.on_train_begin(args, state, TrainerControl())
+    return args, state, ends, callback
+
+
+def test_warmup_ends_once_it_has_spent_all_but_the_recpo_share(clock):
+    # 100 s of budget, 20% kept for RecPO: the warm-up ends after the step that reaches 80 s, and only once.
+    args, state, ends, callback = started_warmup()
     controls = run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=7)
     assert ends.calls == [] and not any(c.should_training_stop for c in controls)  # 70 s
     # 80 s: the warm-up's share is spent
@@ -88,11 +94,7 @@ def test_warmup_ends_once_it_has_spent_all_but_the_recpo_share(clock):
 def test_the_warmup_end_is_told_the_budget_the_whole_warmup_needs_at_this_pace(clock):
     # 10 s a step, 80 s of 100 spent when the warm-up ends at step 8 of 300: the 300 steps take 3,000 s, and the
     # RecPO share (20%) on top makes a budget of 3,750 s.
-    args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
-    state = TrainerState()
-    ends = WarmupEnds(state)
-    callback = TimeBudgetCallback(minutes=100 / 60, recpo_share=0.2, end_warmup=ends)
-    callback.on_train_begin(args, state, TrainerControl())
+    args, state, ends, callback = started_warmup()
     run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=8)
     assert ends.calls == [8]
     assert ends.budgets == [pytest.approx(3750 / 60)]
@@ -100,11 +102,7 @@ def test_the_warmup_end_is_told_the_budget_the_whole_warmup_needs_at_this_pace(c
 
 def test_a_resumed_run_counts_its_pace_from_the_resumed_step(clock):
     # Resumed at step 100: 8 steps of 10 s since, so the pace is 10 s a step, not 80 s over 108 steps.
-    args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
-    state = TrainerState(global_step=100)
-    ends = WarmupEnds(state)
-    callback = TimeBudgetCallback(minutes=100 / 60, recpo_share=0.2, end_warmup=ends)
-    callback.on_train_begin(args, state, TrainerControl())
+    args, state, ends, callback = started_warmup(start_step=100)
     run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=8)
     assert ends.calls == [108]
     assert ends.budgets == [pytest.approx((80 + 192 * 10) / 0.8 / 60)]
