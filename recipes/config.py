@@ -443,6 +443,17 @@ class RecPOConfig(GRPOConfig):
             # accelerate forms a gloo job of several CPU processes only with use_cpu (its launcher does not pass a
             # config's `use_cpu` to MULTI_GPU processes): without it each process would train a model of its own.
             self.use_cpu = True
+        if self.use_cpu or not torch.accelerator.is_available():
+            # Pinned memory needs an accelerator; without one torch warns at every data loader.
+            self.dataloader_pin_memory = False
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
+            # transformers 5 renamed these and warns whenever only the old name is set: with TRL's default
+            # (gradient_checkpointing True) and the recipes' key, that is every run. Carry the value over instead.
+            if getattr(self, new, None) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         super().__post_init__()  # parses a JSON `generation_kwargs` given on the command line into a dict
         if launched > 1 and self.world_size == 1:
             raise ValueError(

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -101,6 +102,16 @@ TRL_EOS_METRICS = (
 )
 
 
+@contextlib.contextmanager
+def quiet_checkpointing_rename() -> Iterator[None]:
+    """Silence transformers 5's notice that `is_gradient_checkpointing` was renamed: peft and TRL 1.16 read the old
+    name when they wrap the model and at every batch they generate, which would print it on every RecPO step. Not
+    ours to fix, and nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 class RecPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "recpo"]
 
@@ -129,16 +140,17 @@ class RecPOTrainer(GRPOTrainer):
         wish; the finished run folder is published once by `push_to_hub` (`recipes.publish`)."""
         self.push_requested = bool(args.push_to_hub)
         args.push_to_hub = False
-        super().__init__(
-            model=model,
-            reward_funcs=get_reward_funcs(["ndcg", "softmax"]),
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        with quiet_checkpointing_rename():
+            super().__init__(
+                model=model,
+                reward_funcs=get_reward_funcs(["ndcg", "softmax"]),
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                peft_config=peft_config,
+                callbacks=callbacks,
+            )
         if self._dist.is_zero3 or self._dist.is_fsdp:
             raise ValueError(
                 "DeepSpeed ZeRO-3 and FSDP are not supported: they shard the parameters, so every process must run "
@@ -626,7 +638,8 @@ class RecPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if not self.args.reasoning or self.in_item_warmup():
             return self._prompt_only_batch(inputs)
-        output = super()._generate_and_score_completions(inputs)
+        with quiet_checkpointing_rename():
+            output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         # TRL counts a completion as clipped when it does not end in EOS, and every closed rollout ends with the
         # marker: its clipped ratio would always read 1. `completions/marker_written_ratio` is RecPO's measure.

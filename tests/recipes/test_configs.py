@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,35 @@ def test_recipe_parses_with_the_entry_points_parser(recipe, tmp_path, monkeypatc
     assert training_args.output_dir.startswith("outputs/")
     assert training_args.per_device_train_batch_size % training_args.num_generations == 0
     assert training_args.similarity_temperature == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("recipe", ["smollm2-135m/movielens/recpo.yaml", "qwen2.5-3b/video_games/recpo.yaml"])
+def test_a_recipes_gradient_checkpointing_is_carried_over_without_the_rename_notice(
+    recipe, tmp_path, monkeypatch
+):
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns when only the old name is
+    set, as TRL's default and the recipes set it: the value must arrive under both names, with nothing printed."""
+    monkeypatch.chdir(tmp_path)
+    path = next(p for p in RECIPES if str(p).endswith(recipe))
+    wanted = yaml.safe_load(path.read_text())["gradient_checkpointing"]
+    parser = TrlParser((ScriptArguments, RecPOConfig, ModelConfig))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, args, _ = parser.parse_args_and_config(
+            args=["--config", str(path), "--bf16", "false", "--report_to", "none"]
+        )
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    assert args.gradient_checkpointing is wanted and args.activation_checkpointing is wanted
+
+
+def test_the_new_name_of_gradient_checkpointing_wins_over_the_old_one(tmp_path):
+    args = RecPOConfig(
+        output_dir=str(tmp_path),
+        gradient_checkpointing=True,
+        activation_checkpointing=False,
+        report_to="none",
+    )
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
 
 
 def test_a_misspelt_recipe_key_is_refused(tmp_path):

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,20 @@ def test_two_step_run_writes_results_and_logs_reward_metrics(tiny_model_dir, syn
     assert last_eval["valid/mean_rank"] == pytest.approx(sum(traced) / len(traced))
     assert -1.0 <= last_eval["index/mean_cosine"] <= 1.0
     assert last_eval["index/score_spread"] > 0.0
+
+
+def test_a_cpu_recpo_step_prints_no_notice_a_user_cannot_act_on(tokenizer, synthetic_data, tmp_path):
+    """peft and TRL 1.16 read `is_gradient_checkpointing`, renamed in transformers 5: its FutureWarning would come
+    with the trainer and again with every RecPO step's rollouts. Pinned memory needs an accelerator: torch's notice
+    came with every data loader on a CPU."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # use_cpu unset, as `make train` leaves it: accelerate falls back to the CPU where there is no accelerator.
+        trainer = build_trainer(tokenizer, synthetic_data, tmp_path, max_steps=1, use_cpu=False)
+        trainer.train()
+    assert trainer.state.global_step == 1
+    notices = [str(w.message) for w in caught]
+    assert [n for n in notices if "checkpointing" in n or "pin_memory" in n] == []
 
 
 def test_mean_pairwise_cosine_matches_the_mean_over_pairs():
