@@ -30,6 +30,7 @@ Anything else rebuilds the index (and stores it in the cache unless told not to)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,6 +295,16 @@ def unreadable_weights(path: Path, err: BaseException) -> ModelLoadError:
     )
 
 
+@contextlib.contextmanager
+def quiet_checkpointing_rename() -> Iterator[None]:
+    """Silence transformers 5's notice that `is_gradient_checkpointing` was renamed: peft and TRL 1.16 read the old
+    name when they wrap a model and at every batch TRL generates, which would print it on every RecPO step. Not
+    ours to fix, and nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _load_adapter(folder: Path, base: str, dtype: str) -> nn.Module:
     try:
         from peft import PeftModel
@@ -306,8 +317,7 @@ def _load_adapter(folder: Path, base: str, dtype: str) -> nn.Module:
             f"{folder / ADAPTER_CONFIG}: cannot load the base model {base!r} ({err})"
         ) from err
     weights = _first_file(folder, ADAPTER_WEIGHTS)
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_checkpointing_rename():
         try:
             return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
         except SafetensorError as err:

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -59,7 +58,7 @@ from recipes.evaluation import (
     unwrap_for_generate,
 )
 from recipes.intervals import per_user_record
-from recipes.loading import redraw_lora
+from recipes.loading import quiet_checkpointing_rename, redraw_lora
 from recipes.logprobs import shared_prompt_logps
 from recipes.memory import peak_memory_metrics, release_freed_memory
 from recipes.precision import lean_lora
@@ -100,16 +99,6 @@ TRL_EOS_METRICS = (
     "completions/min_terminated_length",
     "completions/max_terminated_length",
 )
-
-
-@contextlib.contextmanager
-def quiet_checkpointing_rename() -> Iterator[None]:
-    """Silence transformers 5's notice that `is_gradient_checkpointing` was renamed: peft and TRL 1.16 read the old
-    name when they wrap the model and at every batch they generate, which would print it on every RecPO step. Not
-    ours to fix, and nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 class RecPOTrainer(GRPOTrainer):
