@@ -62,7 +62,9 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "Stop training (cleanly, after the current step) once this many minutes of training have "
-            "passed; the final evaluation still runs. Lets a CPU run fit a wall-clock budget on any machine."
+            "passed; the final evaluation still runs. Lets a CPU run fit a wall-clock budget on any machine. The "
+            "progress bar ends at the step where the budget is expected to stop the run, so its time left is the "
+            "budget's."
         },
     )
     time_budget_recpo_share: float = field(

@@ -209,6 +209,7 @@ def main(script_args: ScriptArguments, training_args: RecPOConfig, model_args: M
     )
     if budget is not None:
         budget.end_warmup = trainer.end_item_warmup  # the trainer did not exist when the callback was made
+        budget.show_last_step = trainer.show_last_step
 
     splits = {"valid": trainer.eval_rows}
     if script_args.evaluate_test:

@@ -340,10 +340,15 @@ class RecPOTrainer(GRPOTrainer):
         self.args.max_steps += steps
         self.state.max_steps += steps
         self._respan_lr_schedule()
+        self.show_last_step(self.state.max_steps)
+
+    def show_last_step(self, step: int) -> None:
+        """Make `step` the end of the progress bar, whose time left tqdm counts from it: the run's last step, or
+        the step at which TimeBudgetCallback expects the budget to stop the run."""
         for callback in self.callback_handler.callbacks:
             bar = getattr(callback, "training_bar", None)
-            if bar is not None:
-                bar.total = self.state.max_steps
+            if bar is not None and bar.total != step:
+                bar.total = step
                 bar.refresh()
 
     def _respan_lr_schedule(self) -> None:
@@ -1039,7 +1044,10 @@ class TimeBudgetCallback(TrainerCallback):
     With `recpo_share` > 0 and an `end_warmup` hook (the trainer's `end_item_warmup`), the item warm-up also ends
     early, after the step at which it has spent `1 - recpo_share` of the budget, so that the RecPO steps after it
     keep their share; the processes decide that together too. The hook is told the budget that the whole warm-up
-    would have needed at the pace so far, so that the run can say what to ask for on a machine this slow."""
+    would have needed at the pace so far, so that the run can say what to ask for on a machine this slow.
+
+    With a `show_last_step` hook (the trainer's), the progress bar ends at the step where the run is expected to
+    stop, so that its time left is the budget's where the budget stops the run before max_steps."""
 
     def __init__(
         self,
@@ -1047,17 +1055,22 @@ class TimeBudgetCallback(TrainerCallback):
         on_any_process: Callable[[bool], bool] | None = None,
         recpo_share: float = 0.0,
         end_warmup: Callable[[float | None], None] | None = None,
+        show_last_step: Callable[[int], None] | None = None,
     ) -> None:
         self.seconds = minutes * 60.0
         self.warmup_seconds = self.seconds * (1.0 - recpo_share) if recpo_share > 0 else None
         self.end_warmup = end_warmup
+        self.show_last_step = show_last_step
         self.started: float | None = None
         self.started_at_step = 0
+        # (in the warm-up, seconds, step) where the current phase began: the progress bar's pace is that phase's
+        self.phase: tuple[bool, float, int] | None = None
         self.on_any_process = on_any_process or true_on_any_process
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
         self.started_at_step = state.global_step  # a resumed run counts its pace from here
+        self.phase = None
 
     def on_step_end(self, args, state, control, **kwargs):
         elapsed = None if self.started is None else time.perf_counter() - self.started
@@ -1068,6 +1081,8 @@ class TimeBudgetCallback(TrainerCallback):
                     self.budget_for_whole_warmup(elapsed, state.global_step, args.item_warmup_steps)
                 )
         spent = elapsed is not None and elapsed >= self.seconds
+        if self.show_last_step is not None and elapsed is not None:
+            self.show_last_step(self.expected_last_step(elapsed, args, state))
         if self.on_any_process(spent):
             logger.info(
                 "Time budget of %.1f min reached at step %d: stopping", self.seconds / 60, state.global_step
@@ -1084,6 +1099,32 @@ class TimeBudgetCallback(TrainerCallback):
             return None
         warmup_seconds = elapsed + (planned - step) * elapsed / done
         return warmup_seconds / (self.warmup_seconds / self.seconds) / 60.0
+
+    def expected_last_step(self, elapsed: float, args, state) -> int:
+        """The step at which the run should stop: max_steps, or earlier where the budget (or the warm-up's share of
+        it) runs out first at the pace of this phase's steps (warm-up or RecPO; the whole run's before the phase has
+        a step of its own). An estimate for the progress bar: the clock alone decides when the run stops."""
+        step = state.global_step
+        in_warmup = step < args.item_warmup_steps
+        if self.phase is None or self.phase[0] != in_warmup:
+            self.phase = (in_warmup, elapsed, step)
+        _, phase_seconds, phase_step = self.phase
+        if step > phase_step:
+            pace = (elapsed - phase_seconds) / (step - phase_step)
+        elif step > self.started_at_step:
+            pace = elapsed / (step - self.started_at_step)
+        else:
+            return args.max_steps
+        if pace <= 0:
+            return args.max_steps
+
+        def steps_until(seconds: float) -> int:  # the step that spends `seconds` is the last one
+            return step + max(math.ceil((seconds - elapsed) / pace), 0)
+
+        if self._warmup_may_end(args, state):
+            last_warmup = min(args.item_warmup_steps, steps_until(self.warmup_seconds))
+            return last_warmup + args.max_steps - args.item_warmup_steps
+        return min(args.max_steps, steps_until(self.seconds))
 
     def _warmup_may_end(self, args, state) -> bool:
         """Whether the next step is an item warm-up step with RecPO steps after the warm-up (the same on every

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import EarlyStoppingCallback
+from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback
 
 from recipes import recpo
 from recipes import trainer as trainer_module
@@ -292,6 +292,45 @@ def test_time_budget_stops_a_long_run_saves_and_still_evaluates(
     ]
     assert final["memory/peak_rss_mb"] > 0 and all(final["memory/peak_rss_mb"] >= p for p in earlier)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_progress_bar_of_a_budgeted_run_ends_at_the_step_where_the_budget_stops_it(
+    tiny_model_dir, synthetic_data, tmp_path, ticking_clock, monkeypatch
+):
+    # max_steps 50 and a 3-second budget: tqdm would count its time left over 50 steps; the bar ends where the
+    # run stops instead.
+    bars: list[tuple[int, int]] = []
+
+    class BarSpy(TrainerCallback):
+        """Added after the progress bar's callback: reads the bar once it has counted each step."""
+
+        def __init__(self, trainer: RecPOTrainer) -> None:
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            callbacks = self.trainer.callback_handler.callbacks
+            (progress,) = [c for c in callbacks if isinstance(c, ProgressCallback)]
+            bars.append((progress.training_bar.n, progress.training_bar.total))
+
+    class Spied(RecPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(BarSpy(self))
+
+    monkeypatch.setattr(recpo, "RecPOTrainer", Spied)
+    state = run_main(
+        tiny_model_dir,
+        synthetic_data,
+        tmp_path / "run",
+        max_steps=50,
+        time_budget_minutes=0.05,
+        save_strategy="no",
+        disable_tqdm=False,
+    )
+    steps = state["global_step"]
+    assert 1 <= steps <= 3 and len(bars) == steps
+    assert bars[-1] == (steps, steps)  # the bar ends full, where the budget stopped the run
+    assert all(total <= 3 for _, total in bars)
 
 
 def test_time_budget_ends_the_warmup_early_and_keeps_the_recpo_steps(

@@ -144,3 +144,49 @@ def test_a_recpo_share_outside_0_to_1_is_refused(share):
 
     with pytest.raises(ValueError, match="time_budget_recpo_share"):
         ScriptArguments(time_budget_recpo_share=share)
+
+
+# ----------------------------------------------------------------------------- where the progress bar ends
+
+
+def test_the_progress_bar_ends_where_the_budget_stops_a_long_run(clock):
+    # 100 s at 10 s a step stops the run at step 10 of 2,000: the bar ends there, so its time left is the budget's.
+    args = types.SimpleNamespace(item_warmup_steps=0, max_steps=2000)
+    shown: list[int] = []
+    callback = TimeBudgetCallback(minutes=100 / 60, show_last_step=shown.append)
+    callback.on_train_begin(args, TrainerState(), TrainerControl())
+    controls = run_steps(callback, clock, args, TrainerState(), seconds_per_step=10.0, steps=10)
+    assert shown == [10] * 10
+    assert [c.should_training_stop for c in controls] == [False] * 9 + [True]
+
+
+def test_the_progress_bar_keeps_max_steps_when_the_budget_does_not_bind(clock):
+    args = types.SimpleNamespace(item_warmup_steps=0, max_steps=5)
+    shown: list[int] = []
+    callback = TimeBudgetCallback(minutes=100 / 60, show_last_step=shown.append)
+    callback.on_train_begin(args, TrainerState(), TrainerControl())
+    run_steps(callback, clock, args, TrainerState(), seconds_per_step=10.0, steps=5)
+    assert shown == [5] * 5
+
+
+def test_the_progress_bar_counts_the_warmups_share_then_the_pace_of_the_recpo_steps(clock):
+    # 100 s, 20% kept for RecPO, warm-up steps of 10 s: the warm-up will end at step 8 (80 s) and 12 RecPO steps
+    # follow, so the bar ends at 20. Then RecPO steps take 5 s: 20 s left at step 8 hold 4 of them, the run
+    # stops at step 12 (the first RecPO step is timed at the warm-up's pace, the next ones at their own).
+    args = types.SimpleNamespace(item_warmup_steps=300, max_steps=312)
+    state = TrainerState()
+    shown: list[int] = []
+
+    def end_warmup(whole_warmup_minutes=None):  # what the trainer's end_item_warmup does to the arguments
+        args.max_steps = state.global_step + args.max_steps - args.item_warmup_steps
+        args.item_warmup_steps = state.global_step
+
+    callback = TimeBudgetCallback(
+        minutes=100 / 60, recpo_share=0.2, end_warmup=end_warmup, show_last_step=shown.append
+    )
+    callback.on_train_begin(args, state, TrainerControl())
+    run_steps(callback, clock, args, state, seconds_per_step=10.0, steps=8)
+    assert (args.item_warmup_steps, args.max_steps) == (8, 20)
+    controls = run_steps(callback, clock, args, state, seconds_per_step=5.0, steps=4)
+    assert shown == [20] * 7 + [10, 12, 12, 12, 12]
+    assert [c.should_training_stop for c in controls] == [False, False, False, True]
