@@ -6,7 +6,7 @@
 Each PATH is a results JSON (`{"valid": {"hit@5": ...}, "test": {...}}`, as written by the trainer,
 `recipes.baselines` and `recipes.evaluate`) or a training output folder holding `results.json` and the
 HF Trainer's `trainer_state.json` (its `log_history` feeds the training curves). Writes
-`OUT/report.md`, `OUT/training_curves.png` and `OUT/final_metrics.png`.
+`OUT/report.md`, `OUT/training_curves.png` (where a run has training logs) and `OUT/final_metrics.png`.
 
 A results file that carries per-user ranks (the `"per_user"` key, contract in `recipes/intervals.py`)
 gets 95% bootstrap intervals and a mean-rank column in the tables, and the main run is compared with
@@ -334,6 +334,11 @@ def paired_section(runs: Sequence[Run], main: Run) -> list[str]:
     return out
 
 
+def has_curves(runs: Sequence[Run]) -> bool:
+    """Whether any run logged a key the training curves draw (result files alone log none)."""
+    return any(curve(run.log_history or [], key)[0] for run in runs for key, _ in CURVES)
+
+
 def render_markdown(runs: Sequence[Run], main: str) -> str:
     metrics = metric_names(runs)
     intervals = run_intervals(runs)
@@ -360,7 +365,11 @@ def render_markdown(runs: Sequence[Run], main: str) -> str:
         out += [*improvement_table(runs, main_run, metrics), ""]
     if main_run is not None:
         out += ["## Paired comparison on the same users", "", *paired_section(runs, main_run)]
-    out += ["![training curves](training_curves.png)", "", "![final metrics](final_metrics.png)", ""]
+    if has_curves(runs):
+        out += ["![training curves](training_curves.png)", ""]
+    else:
+        out += ["No run here has training logs (result files only), so there are no training curves.", ""]
+    out += ["![final metrics](final_metrics.png)", ""]
     return "\n".join(out)
 
 
@@ -428,11 +437,15 @@ def plot_final_metrics(runs: Sequence[Run], path: Path) -> None:
 
 
 def build_report(runs: Sequence[Run], out: Path, main: str = "recpo") -> Path:
-    """Write report.md, training_curves.png and final_metrics.png under `out`; returns report.md."""
+    """Write report.md, training_curves.png (where any run has training logs) and final_metrics.png under `out`;
+    returns report.md."""
     if len({r.name for r in runs}) != len(runs):
         raise ReportError(f"run names must be unique, got {[r.name for r in runs]}")
     out.mkdir(parents=True, exist_ok=True)
-    plot_training_curves(runs, out / "training_curves.png")
+    if has_curves(runs):
+        plot_training_curves(runs, out / "training_curves.png")
+    else:  # a figure of empty panels says nothing; one left from an earlier report would belong to other runs
+        (out / "training_curves.png").unlink(missing_ok=True)
     plot_final_metrics(runs, out / "final_metrics.png")
     report = out / "report.md"
     report.write_text(render_markdown(runs, main))
@@ -466,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         report = build_report(runs, args.out, args.main or "recpo")
     except ReportError as err:
         raise SystemExit(f"error: {err}") from err
-    print(f"wrote {report}, {args.out / 'training_curves.png'}, {args.out / 'final_metrics.png'}")
+    figures = [args.out / name for name in ("training_curves.png", "final_metrics.png")]
+    print("wrote " + ", ".join(str(path) for path in [report, *figures] if path.is_file()))
     return report
 
 

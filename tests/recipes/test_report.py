@@ -77,9 +77,24 @@ def test_report_main_option_picks_the_compared_run(runs, tmp_path):
 
 def test_report_without_main_run_still_writes_tables_and_plots(runs, tmp_path):
     out = tmp_path / "r"
+    text = report.main([*run_args([runs[0], runs[2]]), "--out", str(out), "--main", "popularity"]).read_text()
+    assert "No run is named 'recpo'" not in text and "| recpo |" in text
     text = report.main([*run_args(runs[:2]), "--out", str(out)]).read_text()
     assert "No run is named 'recpo'" in text and "| sasrec |" in text
+    assert (out / "final_metrics.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_report_of_result_files_only_draws_no_empty_training_curves(runs, tmp_path, capsys):
+    out = tmp_path / "r"
+    report.main([*run_args(runs), "--out", str(out)])  # recpo has training logs: curves, linked
     assert (out / "training_curves.png").read_bytes().startswith(PNG_MAGIC)
+    assert "training_curves.png" in capsys.readouterr().out
+    # The same folder again with result files only: no figure of empty panels, none left from before, no link.
+    text = report.main([*run_args(runs[:2]), "--out", str(out)]).read_text()
+    assert not (out / "training_curves.png").exists()
+    assert "training_curves.png" not in text and "no training curves" in text
+    assert "training_curves.png" not in capsys.readouterr().out
+    assert (out / "final_metrics.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_zero_baseline_gives_no_relative_improvement():
