@@ -327,7 +327,8 @@ class RecPOConfig(GRPOConfig):
             "each training step, item index and evaluation. glibc otherwise keeps what a phase freed: between "
             "the CPU default's warm-up steps 1.09 GB resident with it against 1.94 GB without. It does not lower "
             "the peak (a `make train` with it peaked at 2.49 GB, as before), and the pages are faulted back in "
-            "at the next step, so it is off; for machines shared with other jobs. No effect elsewhere."
+            "at the next step, so it is off; for machines shared with other jobs. No effect elsewhere. (Before each "
+            "item index build, the start of RecPO and of every evaluation, the trainer trims anyway: once a phase.)"
         },
     )
     merge_adapters_for_generation: bool = field(

@@ -61,8 +61,27 @@ def test_the_trainer_releases_after_every_step_and_index_only_when_asked(
     trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out", release_freed_memory=on)
     trainer.train()
     trainer.refresh_item_index()
-    # two steps, the index the first RecPO step builds, and the one asked for here
-    assert len(calls) == (4 if on else 0)
+    # Asked for: after two steps and after the two index builds (the first RecPO step's and the one asked for
+    # here). Always: once before each of the two builds.
+    assert len(calls) == (6 if on else 2)
+
+
+def test_every_item_index_build_starts_by_handing_back_what_training_freed(
+    tokenizer, synthetic_data, tmp_path, monkeypatch
+):
+    from recipes import trainer as trainer_module
+    from tests.recipes.conftest import build_trainer
+
+    events = []
+    build = trainer_module.build_item_index
+    monkeypatch.setattr(trainer_module, "release_freed_memory", lambda: events.append("release") or True)
+    monkeypatch.setattr(
+        trainer_module, "build_item_index", lambda *a, **k: events.append("build") or build(*a, **k)
+    )
+    trainer = build_trainer(tokenizer, synthetic_data, tmp_path / "out")  # release_freed_memory off
+    trainer.train()
+    trainer.ranking_evaluation({"valid": trainer.eval_rows})
+    assert events == ["release", "build", "release", "build"]
 
 
 @pytest.mark.parametrize("on", [True, False])
