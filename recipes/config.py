@@ -242,6 +242,19 @@ class RecPOConfig(GRPOConfig):
             "help": "Warm-up steps after each (re)start at which warmup_restarts checks for a collapse."
         },
     )
+    item_warmup_average_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Replace the trainable weights by their mean over the item warm-up's last N steps (stochastic "
+            "weight averaging) before the run goes on: the warm-up's constant-rate steps are noisy, and where the "
+            "path ends is partly chance. The mean takes the weights' place before the first RecPO step (or before "
+            "the final evaluation of a run that ends in its warm-up); a warm-up restart starts the average afresh; "
+            "a warm-up that the time budget cuts short averages the steps of the window it reached. Keeps a float32 "
+            "copy of the trainable weights. Measured on MovieLens (one data order, reports/README.md): the mean of "
+            "the last 150 of 350 steps ranked 14.5 / 26.0 places better (valid / test) than the last step's "
+            "weights. 0 (default): off. Not in the paper."
+        },
+    )
     gather_negatives: bool = field(
         default=True,
         metadata={"help": "Use the other processes' in-batch target items as negatives of the item loss."},
@@ -415,6 +428,8 @@ class RecPOConfig(GRPOConfig):
             raise ValueError("item_negatives and item_warmup_steps must be >= 0")
         if self.warmup_restarts < 0 or self.warmup_restart_check_steps < 1:
             raise ValueError("warmup_restarts must be >= 0 and warmup_restart_check_steps >= 1")
+        if self.item_warmup_average_steps < 0:
+            raise ValueError(f"item_warmup_average_steps must be >= 0, got {self.item_warmup_average_steps}")
         if self.popularity_prior_half_life_days is not None and self.popularity_prior_half_life_days <= 0:
             raise ValueError(
                 f"popularity_prior_half_life_days must be positive, got {self.popularity_prior_half_life_days}"

@@ -81,6 +81,7 @@ from recipes.vectors import (
     left_pad,
     prefill,
 )
+from recipes.weight_average import WeightAverage
 from rewards import get_reward_funcs
 from rewards.advantages import group_advantages, relabel_mask
 from rewards.prior import ScorePrior, train_prior
@@ -90,6 +91,7 @@ from rewards.surrogate import in_batch_logits, item_surrogate_loss, mixed_log_fr
 logger = logging.getLogger(__name__)
 
 RESTARTS_FILE = "warmup_restarts.json"  # in a checkpoint: the warm-up restarts so far, for a resumed run
+AVERAGE_FILE = "warmup_average.pt"  # in a checkpoint: the warm-up's weight average so far, for a resumed run
 RESTART_WINDOW = 10  # warm-up steps whose in-batch score spreads the restart check averages
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
 # TRL's metrics of completions that end in EOS: none does in RecPO (each is closed by the answer marker).
@@ -197,6 +199,10 @@ class RecPOTrainer(GRPOTrainer):
         self.warmup_steps_added = 0
         self._batch_spreads: deque[float] = deque(maxlen=RESTART_WINDOW)
         self._restart_checked_at: int | None = None
+        # item_warmup_average_steps: the running mean, whether it has taken the weights' place, the step last added
+        self.warmup_average: WeightAverage | None = None
+        self.warmup_average_applied = False
+        self._averaged_at: int | None = None
 
     # ------------------------------------------------------------------ item index
     def refresh_item_index(self) -> torch.Tensor:
@@ -295,6 +301,7 @@ class RecPOTrainer(GRPOTrainer):
         optimizer.state.clear()  # Adam's moments and step count: the new factors start from a fresh optimiser
         self._extend_warmup(spent)
         self._batch_spreads.clear()
+        self.warmup_average = None  # it held the collapsed start's weights
         if self.accelerator.is_main_process:
             logger.warning(
                 "The item vectors collapsed in the first %d warm-up steps (in-batch score spread %.3f < %.1f over "
@@ -373,8 +380,42 @@ class RecPOTrainer(GRPOTrainer):
         new.step()  # LambdaLR's rate is closed-form in the step: base rate x lambda(last_epoch)
         self.callback_handler.lr_scheduler = new  # what callbacks are handed
 
+    # ------------------------------------------------------------------ warm-up weight average
+    def average_warmup_weights(self, final: bool = False) -> None:
+        """`item_warmup_average_steps`: called before every training step and once after the last (`final`). Adds
+        the weights the last optimizer step left when it was one of the warm-up's last N steps; once the warm-up
+        is over (or the run ends), puts their mean in the weights' place, before anything reads them."""
+        args, step = self.args, self.state.global_step
+        window = args.item_warmup_average_steps
+        if not window or self.warmup_average_applied:
+            return
+        end = args.item_warmup_steps
+        if self._averaged_at != step and 0 < step <= end and step > end - window:
+            self._averaged_at = step  # the micro-batches of one accumulation window share the step
+            if self.warmup_average is None:
+                self.warmup_average = WeightAverage()
+            self.warmup_average.add(self.model, step)
+        average = self.warmup_average
+        if average is None or not (step >= end or final):
+            return
+        average.copy_to(self.model)
+        self.warmup_average_applied = True
+        self._metrics["train"]["warmup/averaged_steps"].append(float(average.count))
+        if self.accelerator.is_main_process:
+            logger.info(
+                "item_warmup_average_steps: the trainable weights are now their mean over warm-up steps %d-%d (%d "
+                "steps)",
+                average.first_step,
+                average.last_step,
+                average.count,
+            )
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        if self.warmup_average is not None and not self.warmup_average_applied and self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if folder.is_dir():
+                torch.save(self.warmup_average.state_dict(), folder / AVERAGE_FILE)
         if (self.warmup_restarts_done or self.warmup_steps_added) and self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if folder.is_dir():
@@ -397,12 +438,20 @@ class RecPOTrainer(GRPOTrainer):
             self.warmup_steps_added = int(record["extra_steps"])
             self.args.item_warmup_steps += self.warmup_steps_added
             self.args.max_steps += self.warmup_steps_added
-        return super().train(
+        average_file = Path(folder) / AVERAGE_FILE if isinstance(folder, (str, os.PathLike)) else None
+        if average_file is not None and average_file.is_file():
+            self.warmup_average = WeightAverage()
+            self.warmup_average.load_state_dict(
+                torch.load(average_file, map_location="cpu", weights_only=True)
+            )
+        output = super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+        self.average_warmup_weights(final=True)  # a run that ends in (or with) its warm-up
+        return output
 
     def _log_once(self, message: str, *args) -> None:
         text = message % args if args else message
@@ -412,6 +461,7 @@ class RecPOTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._bypassed_ddp = False
+        self.average_warmup_weights()
         self.restart_warmup_if_collapsed()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._bypassed_ddp and self.accelerator.sync_gradients:
