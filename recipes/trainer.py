@@ -399,7 +399,7 @@ class RecPOTrainer(GRPOTrainer):
         if average is None or not (step >= end or final):
             return
         average.copy_to(self.model)
-        self.warmup_average_applied = True
+        self.warmup_average, self.warmup_average_applied = None, True  # its float32 copy is no longer needed
         self._metrics["train"]["warmup/averaged_steps"].append(float(average.count))
         if self.accelerator.is_main_process:
             logger.info(

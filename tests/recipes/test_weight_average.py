@@ -105,7 +105,7 @@ def test_the_trainer_averages_the_warm_ups_last_steps_and_starts_recpo_from_the_
     trainer.state.global_step = 5  # the warm-up is over: this training step is RecPO's first
     set_trainable(trainer.model, 5.0)
     trainer.average_warmup_weights()
-    assert trainer.warmup_average_applied
+    assert trainer.warmup_average_applied and trainer.warmup_average is None  # its copy is let go
     for name, param in trainer.model.named_parameters():
         if param.requires_grad:
             assert torch.equal(param, torch.full_like(param, 4.5)), name
@@ -168,7 +168,12 @@ def test_a_run_saves_the_mean_of_its_warm_up_weights_and_a_resumed_run_saves_the
     )
     out = tmp_path / "run"
     recpo.main(*recpo_args(out, tiny_model_dir, synthetic_data, **run))
-    assert sorted(added) == [1, 2, 3, 4]  # step s's weights are added before step s + 1; step 4's after training
+    assert sorted(added) == [
+        1,
+        2,
+        3,
+        4,
+    ]  # step s's weights are added before step s + 1; step 4's after training
     final = adapter_weights(out)
     step_2, step_4 = adapter_weights(out / "checkpoint-2"), adapter_weights(out / "checkpoint-4")
     assert (out / "checkpoint-2" / trainer_module.AVERAGE_FILE).is_file()
