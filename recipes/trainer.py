@@ -412,33 +412,34 @@ class RecPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.warmup_average is not None and not self.warmup_average_applied and self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if folder.is_dir():
-                torch.save(self.warmup_average.state_dict(), folder / AVERAGE_FILE)
-        if (self.warmup_restarts_done or self.warmup_steps_added) and self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if folder.is_dir():
-                record = {
-                    "restarts": self.warmup_restarts_done,
-                    "started_at": self.warmup_started_at,  # for a reader: a resume derives it from restarts
-                    "extra_steps": self.warmup_steps_added,  # restarts add the steps they spent; an early end cuts
-                }
-                (folder / RESTARTS_FILE).write_text(json.dumps(record) + "\n")
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if not self.args.should_save or not folder.is_dir():
+            return
+        if self.warmup_restarts_done or self.warmup_steps_added:
+            record = {
+                "restarts": self.warmup_restarts_done,
+                "started_at": self.warmup_started_at,  # for a reader: a resume derives it from restarts
+                "extra_steps": self.warmup_steps_added,  # restarts add the steps they spent; an early end cuts
+            }
+            (folder / RESTARTS_FILE).write_text(json.dumps(record) + "\n")
+        if self.warmup_average is not None:  # still being gathered (it is let go once used)
+            torch.save(self.warmup_average.state_dict(), folder / AVERAGE_FILE)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """A resumed run takes back its warm-up restarts (and the steps they added) from the checkpoint."""
+        """A resumed run takes back its warm-up restarts (and the steps they added) and its warm-up weight average
+        from the checkpoint."""
         folder = resume_from_checkpoint
         if folder is True:
             folder = get_last_checkpoint(self.args.output_dir)
-        record_file = Path(folder) / RESTARTS_FILE if isinstance(folder, (str, os.PathLike)) else None
+        folder = Path(folder) if isinstance(folder, (str, os.PathLike)) else None
+        record_file = folder / RESTARTS_FILE if folder is not None else None
         if record_file is not None and record_file.is_file():
             record = json.loads(record_file.read_text())
             self.warmup_restarts_done = int(record["restarts"])
             self.warmup_steps_added = int(record["extra_steps"])
             self.args.item_warmup_steps += self.warmup_steps_added
             self.args.max_steps += self.warmup_steps_added
-        average_file = Path(folder) / AVERAGE_FILE if isinstance(folder, (str, os.PathLike)) else None
+        average_file = folder / AVERAGE_FILE if folder is not None else None
         if average_file is not None and average_file.is_file():
             self.warmup_average = WeightAverage()
             self.warmup_average.load_state_dict(

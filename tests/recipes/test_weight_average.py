@@ -12,9 +12,19 @@ from torch import nn
 
 from recipes import recpo
 from recipes import trainer as trainer_module
-from recipes.weight_average import WeightAverage
+from recipes.weight_average import WeightAverage, trainable
 from tests.numerics import assert_close_at_scale
 from tests.recipes.conftest import build_trainer, recpo_args
+
+
+def trainable_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in trainable(model)}
+
+
+def set_trainable(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for _, param in trainable(model):
+            param.fill_(value)
 
 
 def two_layer_model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -27,13 +37,8 @@ def test_the_average_takes_the_weights_place_as_the_mean_of_what_was_added():
     model = two_layer_model()
     frozen = model[0].weight.detach().clone()
     average = WeightAverage()
-    states = []
     for step, value in enumerate([1.0, 2.0, 6.0], start=7):
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.fill_(value)
-        states.append(value)
+        set_trainable(model, value)
         average.add(model, step)
     average.copy_to(model)
     assert (average.count, average.first_step, average.last_step) == (3, 7, 9)
@@ -67,17 +72,6 @@ def test_copying_to_a_model_with_other_trainable_weights_says_which():
     other[0].weight.requires_grad_(True)
     with pytest.raises(ValueError, match=r"0\.weight"):
         average.copy_to(other)
-
-
-def trainable_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def set_trainable(model: nn.Module, value: float) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.fill_(value)
 
 
 def test_the_trainer_averages_the_warm_ups_last_steps_and_starts_recpo_from_the_mean(
